@@ -1,0 +1,143 @@
+"""Portable PyTorch implementations of the ops: the CPU fallback and a second opinion.
+
+All functions take 2-D ``[N, D]`` rows (the functional layer flattens leading dims and checks
+inputs). None allocates ``N x K``: assignment works in row chunks of at most ``_CHUNK_ELEMS``
+distances. Accumulation is in float32 for float32/float16/bfloat16 inputs and float64 for float64.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "assign",
+    "lookup",
+    "squared_error_rows",
+    "scatter_add",
+    "code_stats",
+    "quantize_backward",
+]
+
+# Distances held at once by `assign` (row chunk x K): 4M float64 values, 32 MiB.
+_CHUNK_ELEMS = 1 << 22
+# Unit roundoff of float64.
+_U64 = 2.0**-53
+
+
+def acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 when any input is float64, else float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def assign(z: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest code of each row of ``z [N, D]`` in ``codebook [K, D]``: ``(idx int64 [N], dist [N])``.
+
+    Exact in the sense of the precision contract: candidates come from the float64 expanded form on
+    vectors centred on the codebook mean, every code within a rigorous bound of the row minimum is
+    re-ranked in the direct form sum((z - c)^2) in float64, and the lowest index wins exact ties.
+    Rows whose minimum distance is not finite (a NaN or Inf in the row, or fp32 overflow) get
+    index -1; ``dist`` is then NaN or Inf.
+    """
+    n, d = z.shape
+    k = codebook.shape[0]
+    out_dtype = acc_dtype(z, codebook)
+    idx = torch.empty(n, dtype=torch.int64, device=z.device)
+    dist = torch.empty(n, dtype=out_dtype, device=z.device)
+    if n == 0:
+        return idx, dist
+    c64 = codebook.to(torch.float64)
+    # Distances are translation-invariant: centring on the mean of the finite codes keeps the
+    # expanded form accurate when all vectors share a large offset. Non-finite codes are never chosen.
+    usable = torch.isfinite(c64).all(-1)
+    mean = c64[usable].mean(0) if bool(usable.any()) else torch.zeros_like(c64[0])
+    c64 = c64 - mean
+    c_sq = c64.square().sum(-1)  # [K]
+    c_sq_max = torch.where(usable, c_sq, 0.0).max()
+    # |expanded - exact| <= gamma (|z|^2 + |c|^2 + 2|z||c|) <= 2 gamma (|z|^2 + max|c|^2) for every
+    # code, so any code within twice that of the row minimum may be the true nearest one.
+    gamma = (d + 2) * _U64 / (1 - (d + 2) * _U64)
+    step = max(1, _CHUNK_ELEMS // k)
+    for s in range(0, n, step):
+        zz = z[s : s + step].to(torch.float64)
+        zc = zz - mean  # [n_c, D]
+        z_sq = zc.square().sum(-1)  # [n_c]
+        approx = torch.addmm(c_sq.unsqueeze(0), zc, c64.T, alpha=-2.0).add_(z_sq.unsqueeze(1))
+        row_min = approx.nan_to_num_(nan=float("inf")).amin(1)
+        finite = torch.isfinite(row_min)
+        window = torch.where(finite, row_min + 4.0 * gamma * (z_sq + c_sq_max), -float("inf"))
+        rows, codes = torch.nonzero(approx <= window.unsqueeze(1), as_tuple=True)
+        del approx
+        exact = _pair_distances(zc, c64, rows, codes)
+        best_d = torch.full_like(row_min, float("inf")).scatter_reduce(0, rows, exact, "amin")
+        at_min = torch.where(exact == best_d[rows], codes, k)
+        best = torch.full_like(row_min, k, dtype=torch.int64).scatter_reduce(0, rows, at_min, "amin")
+        best = torch.where(finite & (best < k), best, -1)
+        # The reported distance is the direct form on the inputs as given (no centring).
+        row_dist = (zz - codebook.index_select(0, best.clamp_min(0)).to(torch.float64)).square().sum(-1)
+        row_dist = torch.where(best >= 0, row_dist, _nonfinite_distance(zz, codebook))
+        idx[s : s + step] = best
+        dist[s : s + step] = row_dist.to(out_dtype)
+    return idx, dist
+
+
+def _pair_distances(zc: torch.Tensor, c64: torch.Tensor, rows: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Direct-form ``sum((zc[r] - c[k])^2)`` for each (row, code) pair, in blocks of bounded memory."""
+    out = torch.empty(rows.shape[0], dtype=torch.float64, device=zc.device)
+    step = max(1, _CHUNK_ELEMS // max(1, zc.shape[1]))
+    for s in range(0, rows.shape[0], step):
+        r, c = rows[s : s + step], codes[s : s + step]
+        out[s : s + step] = (zc.index_select(0, r) - c64.index_select(0, c)).square().sum(-1)
+    return out
+
+
+def _nonfinite_distance(zz: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """NaN for rows holding a NaN (or facing an all-NaN codebook), else +Inf."""
+    has_nan = torch.isnan(zz).any(-1) | bool(torch.isnan(codebook).any(-1).all())
+    return torch.where(has_nan, float("nan"), float("inf")).to(zz.dtype)
+
+
+def lookup(idx: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """``codebook[idx]`` for int64 ``idx [N]``: a bit-exact gather."""
+    return codebook.index_select(0, idx)
+
+
+def squared_error_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``sum_j (a - b)^2`` per row, accumulated in float32 (float64 for float64 inputs)."""
+    dt = acc_dtype(a, b)
+    return (a.to(dt) - b.to(dt)).square().sum(-1)
+
+
+def scatter_add(idx: torch.Tensor, rows: torch.Tensor, num_codes: int) -> torch.Tensor:
+    """``out[k] = sum_{i: idx[i] = k} rows[i]`` into a ``[K, D]`` float32 (float64) buffer."""
+    dt = acc_dtype(rows)
+    out = torch.zeros(num_codes, rows.shape[-1], dtype=dt, device=rows.device)
+    return out.index_add_(0, idx, rows.to(dt))
+
+
+def code_stats(
+    idx: torch.Tensor, z: torch.Tensor | None, num_codes: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-code counts (float32 ``[K]``) and vector sums (``[K, D]``) of the rows with ``idx >= 0``."""
+    keep = idx >= 0
+    kept = idx[keep]
+    counts = torch.bincount(kept, minlength=num_codes).to(torch.float32)
+    sums = None if z is None else scatter_add(kept, z[keep], num_codes)
+    return counts, sums
+
+
+def quantize_backward(
+    z: torch.Tensor,
+    z_q: torch.Tensor,
+    idx: torch.Tensor,
+    grad_out: torch.Tensor | None,
+    coef_z: float,
+    coef_codebook: float,
+    num_codes: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused VQ backward: ``dz = grad_out + coef_z (z - z_q)``, ``dcodebook = scatter_idx coef_codebook (z_q - z)``."""
+    dt = acc_dtype(z, z_q)
+    diff = z.to(dt) - z_q.to(dt)
+    dz = coef_z * diff
+    if grad_out is not None:
+        dz = dz + grad_out.to(dt)
+    return dz.to(z.dtype), scatter_add(idx, -coef_codebook * diff, num_codes)
