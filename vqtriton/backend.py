@@ -13,11 +13,13 @@ Nothing here queries CUDA at import time.
 
 from __future__ import annotations
 
+import functools
 import os
+from types import SimpleNamespace
 
 import torch
 
-__all__ = ["BACKENDS", "KERNEL_DTYPES", "interpreting", "choose"]
+__all__ = ["BACKENDS", "KERNEL_DTYPES", "interpreting", "choose", "ops"]
 
 BACKENDS = ("triton", "torch")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -63,3 +65,30 @@ def choose(*tensors: torch.Tensor, backend: str | None = None) -> str:
     if name is not None:
         return name
     return "torch" if blocker is not None else "triton"
+
+
+@functools.cache
+def _triton_ops() -> SimpleNamespace:
+    from vqtriton.kernels import assign, gather, quantize, sqerr, stats
+
+    return SimpleNamespace(
+        assign_fwd=assign.assign_fwd,
+        gather=gather.gather,
+        scatter_add=gather.scatter_add,
+        sqerr_rows=sqerr.sqerr_rows,
+        sqerr_sum=sqerr.sqerr_sum,
+        sqerr_backward=sqerr.sqerr_backward,
+        code_stats=stats.code_stats,
+        quantize_backward=quantize.quantize_backward,
+    )
+
+
+def ops(name: str):
+    """The launchers of a backend: ``vqtriton.torch_ops`` or the Triton kernels, same signatures."""
+    if name == "torch":
+        from vqtriton import torch_ops
+
+        return torch_ops
+    if name == "triton":
+        return _triton_ops()
+    raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")

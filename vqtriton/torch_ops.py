@@ -1,7 +1,8 @@
 """Portable PyTorch implementations of the ops: the CPU fallback and a second opinion.
 
-All functions take 2-D ``[N, D]`` rows (the functional layer flattens leading dims and checks
-inputs). None allocates ``N x K``: assignment works in row chunks of at most ``_CHUNK_ELEMS``
+Each function has the signature of the kernel launcher of the same name in ``vqtriton.kernels``
+(``backend.ops`` hands out either set), takes 2-D ``[N, D]`` rows (the functional layer flattens
+leading dims and checks inputs), and reads an index of -1 as "no code". None allocates ``N x K``: assignment works in row chunks of at most ``_CHUNK_ELEMS``
 distances. Accumulation is in float32 for float32/float16/bfloat16 inputs and float64 for float64.
 """
 
@@ -10,10 +11,12 @@ from __future__ import annotations
 import torch
 
 __all__ = [
-    "assign",
-    "lookup",
-    "squared_error_rows",
+    "assign_fwd",
+    "gather",
     "scatter_add",
+    "sqerr_rows",
+    "sqerr_sum",
+    "sqerr_backward",
     "code_stats",
     "quantize_backward",
 ]
@@ -29,8 +32,19 @@ def acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def assign(z: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest code of each row of ``z [N, D]`` in ``codebook [K, D]``: ``(idx int64 [N], dist [N])``.
+def assign_fwd(
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    *,
+    precision: str = "exact",
+    return_zq: bool = False,
+    split: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Nearest code of each row of ``z [N, D]`` in ``codebook [K, D]``: ``(idx int64 [N], dist [N], z_q)``.
+
+    Every ``precision`` gives the exact answer here (the low-precision modes exist for tensor
+    cores); ``split`` is a kernel launch detail and is ignored. ``z_q = codebook[idx]`` when
+    ``return_zq``.
 
     Exact in the sense of the precision contract: candidates come from the float64 expanded form on
     vectors centred on the codebook mean, every code within a rigorous bound of the row minimum is
@@ -44,7 +58,7 @@ def assign(z: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch
     idx = torch.empty(n, dtype=torch.int64, device=z.device)
     dist = torch.empty(n, dtype=out_dtype, device=z.device)
     if n == 0:
-        return idx, dist
+        return idx, dist, gather(idx, codebook) if return_zq else None
     c64 = codebook.to(torch.float64)
     # Distances are translation-invariant: centring on the mean of the finite codes keeps the
     # expanded form accurate when all vectors share a large offset. Non-finite codes are never chosen.
@@ -77,7 +91,7 @@ def assign(z: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch
         row_dist = torch.where(best >= 0, row_dist, _nonfinite_distance(zz, codebook))
         idx[s : s + step] = best
         dist[s : s + step] = row_dist.to(out_dtype)
-    return idx, dist
+    return idx, dist, gather(idx, codebook) if return_zq else None
 
 
 def _pair_distances(zc: torch.Tensor, c64: torch.Tensor, rows: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -96,48 +110,68 @@ def _nonfinite_distance(zz: torch.Tensor, codebook: torch.Tensor) -> torch.Tenso
     return torch.where(has_nan, float("nan"), float("inf")).to(zz.dtype)
 
 
-def lookup(idx: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """``codebook[idx]`` for int64 ``idx [N]``: a bit-exact gather."""
-    return codebook.index_select(0, idx)
+def gather(idx: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """``codebook[idx]`` for int64 ``idx [N]``, bit-exact; rows with index -1 are zeros."""
+    out = codebook.index_select(0, idx.clamp_min(0))
+    return out.masked_fill_((idx < 0).unsqueeze(-1), 0)
 
 
-def squared_error_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def scatter_add(idx: torch.Tensor, rows: torch.Tensor, num_codes: int, *, deterministic: bool = False) -> torch.Tensor:
+    """``out[k] = sum_{i: idx[i] = k} rows[i]`` into a ``[K, D]`` float32 (float64) buffer; -1 skipped.
+
+    ``index_add_`` is deterministic on the CPU, and on CUDA under ``torch.use_deterministic_algorithms``.
+    """
+    del deterministic
+    dt = acc_dtype(rows)
+    keep = idx >= 0
+    out = torch.zeros(num_codes, rows.shape[-1], dtype=dt, device=rows.device)
+    return out.index_add_(0, idx[keep], rows[keep].to(dt))
+
+
+def sqerr_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``sum_j (a - b)^2`` per row, accumulated in float32 (float64 for float64 inputs)."""
     dt = acc_dtype(a, b)
     return (a.to(dt) - b.to(dt)).square().sum(-1)
 
 
-def scatter_add(idx: torch.Tensor, rows: torch.Tensor, num_codes: int) -> torch.Tensor:
-    """``out[k] = sum_{i: idx[i] = k} rows[i]`` into a ``[K, D]`` float32 (float64) buffer."""
-    dt = acc_dtype(rows)
-    out = torch.zeros(num_codes, rows.shape[-1], dtype=dt, device=rows.device)
-    return out.index_add_(0, idx, rows.to(dt))
+def sqerr_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Total ``sum (a - b)^2`` as a 0-dim float32 (float64) tensor."""
+    return sqerr_rows(a, b).sum()
+
+
+def sqerr_backward(a: torch.Tensor, b: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``2 (a - b) grad`` in ``a.dtype``; ``grad`` is 0-dim (the total) or ``[N]`` (per row)."""
+    dt = acc_dtype(a, b)
+    g = grad.to(dt).reshape(-1, 1) if grad.dim() else grad.to(dt)
+    return (2.0 * (a.to(dt) - b.to(dt)) * g).to(a.dtype)
 
 
 def code_stats(
-    idx: torch.Tensor, z: torch.Tensor | None, num_codes: int
+    idx: torch.Tensor, z: torch.Tensor | None, num_codes: int, *, deterministic: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-code counts (float32 ``[K]``) and vector sums (``[K, D]``) of the rows with ``idx >= 0``."""
-    keep = idx >= 0
-    kept = idx[keep]
-    counts = torch.bincount(kept, minlength=num_codes).to(torch.float32)
-    sums = None if z is None else scatter_add(kept, z[keep], num_codes)
+    counts = torch.bincount(idx[idx >= 0], minlength=num_codes).to(torch.float32)
+    sums = None if z is None else scatter_add(idx, z, num_codes, deterministic=deterministic)
     return counts, sums
 
 
 def quantize_backward(
     z: torch.Tensor,
-    z_q: torch.Tensor,
+    codebook: torch.Tensor,
     idx: torch.Tensor,
     grad_out: torch.Tensor | None,
-    coef_z: float,
-    coef_codebook: float,
-    num_codes: int,
+    coef: torch.Tensor,
+    *,
+    deterministic: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused VQ backward: ``dz = grad_out + coef_z (z - z_q)``, ``dcodebook = scatter_idx coef_codebook (z_q - z)``."""
-    dt = acc_dtype(z, z_q)
-    diff = z.to(dt) - z_q.to(dt)
-    dz = coef_z * diff
+    """Fused VQ backward with ``coef = (coef_z, coef_codebook)``, ``z_q = codebook[idx]``:
+
+    ``dz = grad_out + coef_z (z - z_q)`` and ``dcodebook = scatter_idx coef_codebook (z_q - z)``.
+    """
+    dt = acc_dtype(z, codebook)
+    coef = coef.to(dt)
+    diff = gather(idx, codebook).to(dt) - z.to(dt)
+    dz = -coef[0] * diff
     if grad_out is not None:
         dz = dz + grad_out.to(dt)
-    return dz.to(z.dtype), scatter_add(idx, -coef_codebook * diff, num_codes)
+    return dz.to(z.dtype), scatter_add(idx, coef[1] * diff, codebook.shape[0], deterministic=deterministic)

@@ -1,0 +1,75 @@
+"""Input checks shared by the public functions and the layer.
+
+Bad input is answered before any kernel launches, with the error PyTorch itself would raise:
+TypeError for a wrong kind of object or dtype, ValueError for wrong shapes, values or names,
+IndexError for indices out of range. Messages name the shapes and dtypes they saw.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["float_tensor", "codebook", "latents", "indices", "choice", "same_device"]
+
+_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def float_tensor(name: str, t) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor (float32/float16/bfloat16/float64), got {t.dtype}")
+    return t
+
+
+def codebook(c) -> torch.Tensor:
+    float_tensor("codebook", c)
+    if c.dim() != 2:
+        raise ValueError(f"codebook must be 2-D [K, D], got shape {tuple(c.shape)}")
+    if c.shape[0] < 1 or c.shape[1] < 1:
+        raise ValueError(f"codebook must have K >= 1 codes of D >= 1 dims, got shape {tuple(c.shape)}")
+    return c
+
+
+def same_device(**tensors: torch.Tensor) -> None:
+    devices = {t.device for t in tensors.values()}
+    if len(devices) > 1:
+        seen = ", ".join(f"{k} on {t.device}" for k, t in tensors.items())
+        raise ValueError(f"tensors must be on one device, got {seen}")
+
+
+def latents(z, c: torch.Tensor, name: str = "z") -> torch.Tensor:
+    """``z [..., D]`` against a checked codebook ``[K, D]``."""
+    float_tensor(name, z)
+    if z.dim() < 1 or z.shape[-1] != c.shape[1]:
+        raise ValueError(
+            f"{name} must be [..., D] with D = {c.shape[1]} (the codebook's), got {name} {tuple(z.shape)} "
+            f"and codebook {tuple(c.shape)}"
+        )
+    same_device(**{name: z, "codebook": c})
+    return z
+
+
+def indices(idx, num_codes: int, name: str = "indices") -> torch.Tensor:
+    """Integer indices in ``[-1, num_codes)`` (-1: no code), returned as int64.
+
+    The range check reads the values (a device sync on CUDA): out-of-range indices would make a
+    kernel read outside the codebook.
+    """
+    if not isinstance(idx, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(idx).__name__}")
+    if idx.dtype not in _INT_DTYPES:
+        raise TypeError(f"{name} must be an integer tensor, got {idx.dtype}")
+    if idx.numel():
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < -1 or hi >= num_codes:
+            raise IndexError(
+                f"{name} must lie in [0, {num_codes}) (or be -1 for no code), got values in [{lo}, {hi}]"
+            )
+    return idx.to(torch.int64)
+
+
+def choice(name: str, value, options: tuple) -> str:
+    if value not in options:
+        raise ValueError(f"{name} must be one of {options}, got {value!r}")
+    return value

@@ -1,0 +1,187 @@
+"""The public ops: ``assign``, ``lookup``, ``squared_error``, ``quantize``, ``verify_assignment``.
+
+Each checks its inputs (see :mod:`vqtriton.checks`), flattens leading dims to rows ``[N, D]``,
+picks the backend (:mod:`vqtriton.backend`) and calls the autograd Function or launcher.
+Latents are ``[..., D]``; the codebook is ``[K, D]``; indices are int64 ``[...]``, -1 meaning
+"no code" (a masked vector, or one with no finite distance: a NaN/Inf in it).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from vqtriton import checks
+from vqtriton.autograd import Lookup, Quantize, SquaredError
+from vqtriton.backend import choose, ops
+
+__all__ = ["assign", "lookup", "squared_error", "quantize", "verify_assignment", "QuantizeResult"]
+
+METRICS = ("l2", "cosine")
+PRECISIONS = ("exact", "tf32", "bf16")
+REDUCTIONS = ("sum", "mean", "none")
+# Slack of the exactness contract: d(z, c_idx) <= (1 + 2^-16) min_k d(z, c_k).
+CONTRACT_RTOL = 2.0**-16
+
+
+class QuantizeResult(NamedTuple):
+    """What ``quantize`` returns. ``z_q`` is the straight-through output (value ``codebook[idx]``,
+    gradient to ``z``); the losses are 0-dim tensors; ``loss = codebook_loss + beta * commitment_loss``."""
+
+    z_q: torch.Tensor
+    indices: torch.Tensor
+    codebook_loss: torch.Tensor
+    commitment_loss: torch.Tensor
+    loss: torch.Tensor
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``[..., D]`` as ``[N, D]`` (a view when strides allow)."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+
+def _deterministic(flag: bool | None) -> bool:
+    return torch.are_deterministic_algorithms_enabled() if flag is None else bool(flag)
+
+
+def _unit(t: torch.Tensor) -> torch.Tensor:
+    """l2-normalised rows in float32 (float64 stays float64): the cosine metric's vectors."""
+    return F.normalize(t.to(torch.promote_types(t.dtype, torch.float32)), dim=-1, eps=1e-12)
+
+
+def assign(
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    metric: str = "l2",
+    precision: str = "exact",
+    return_distance: bool = False,
+    *,
+    backend: str | None = None,
+):
+    """Index of the nearest code for every vector of ``z [..., D]``: int64 ``[...]``, no gradient.
+
+    ``precision="exact"`` returns a true nearest code (lowest index on exact ties): its float64
+    direct-form distance is within ``(1 + 2^-16)`` of the minimum. ``"tf32"`` / ``"bf16"`` trade
+    that guarantee for tensor-core speed on a GPU. ``metric="cosine"`` compares l2-normalised
+    vectors. With ``return_distance`` also returns the squared distance to the chosen code
+    (float32; ``2 - 2 cos`` for cosine). Vectors holding a NaN or Inf get index -1, distance NaN/Inf.
+    """
+    checks.codebook(codebook)
+    checks.latents(z, codebook)
+    checks.choice("metric", metric, METRICS)
+    checks.choice("precision", precision, PRECISIONS)
+    with torch.no_grad():
+        zr, c = _rows(z.detach()), codebook.detach()
+        if metric == "cosine":
+            zr, c = _unit(zr), _unit(c)
+        name = choose(zr, c, backend=backend)
+        idx, dist, _ = ops(name).assign_fwd(zr, c, precision=precision)
+    idx = idx.reshape(z.shape[:-1])
+    return (idx, dist.reshape(z.shape[:-1])) if return_distance else idx
+
+
+def lookup(
+    indices: torch.Tensor,
+    codebook: torch.Tensor,
+    *,
+    backend: str | None = None,
+    deterministic: bool | None = None,
+) -> torch.Tensor:
+    """``codebook[indices]``: ``[..., D]``, bit-exact; index -1 gives a zero vector.
+
+    The gradient flows to the codebook (a scatter-add in float32). ``deterministic`` (default:
+    ``torch.are_deterministic_algorithms_enabled()``) makes it bitwise reproducible.
+    """
+    checks.codebook(codebook)
+    idx = checks.indices(indices, codebook.shape[0])
+    checks.same_device(indices=idx, codebook=codebook)
+    name = choose(codebook, backend=backend)
+    out = Lookup.apply(idx.reshape(-1), codebook, name, _deterministic(deterministic))
+    return out.reshape(*idx.shape, codebook.shape[1])
+
+
+def squared_error(
+    a: torch.Tensor, b: torch.Tensor, reduction: str = "sum", *, backend: str | None = None
+) -> torch.Tensor:
+    """``sum (a - b)^2`` with float32 accumulation; gradients flow to both inputs.
+
+    ``reduction="sum"`` is the spec's squared norm; ``"mean"`` divides by the number of elements
+    (as ``F.mse_loss``); ``"none"`` gives the per-vector sums over the last dim, shape ``a.shape[:-1]``.
+    The result is float32 (float64 for float64 inputs).
+    """
+    checks.float_tensor("a", a)
+    checks.float_tensor("b", b)
+    checks.choice("reduction", reduction, REDUCTIONS)
+    if a.shape != b.shape:
+        raise ValueError(f"a and b must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    checks.same_device(a=a, b=b)
+    lead = a.shape[:-1] if a.dim() else ()
+    ar, br = (_rows(a), _rows(b)) if a.dim() else (a.reshape(1, 1), b.reshape(1, 1))
+    out = SquaredError.apply(ar.contiguous(), br.contiguous(), reduction, choose(ar, br, backend=backend))
+    return out.reshape(lead) if reduction == "none" else out
+
+
+def quantize(
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    beta: float = 0.25,
+    reduction: str = "sum",
+    *,
+    precision: str = "exact",
+    backend: str | None = None,
+    deterministic: bool | None = None,
+) -> QuantizeResult:
+    """The fused VQ step on ``z [..., D]``: nearest codes, straight-through output and both VQ losses.
+
+    ``codebook_loss = ||sg[z] - z_q||^2`` trains the codebook only, ``commitment_loss =
+    ||z - sg[z_q]||^2`` trains ``z`` only, ``loss = codebook_loss + beta * commitment_loss``;
+    ``reduction`` is ``"sum"`` (the spec's squared norms) or ``"mean"`` (over ``z.numel()``).
+    The output ``z_q`` has the value ``codebook[idx]`` (in ``z.dtype``) and passes its gradient
+    to ``z`` unchanged, none to the codebook.
+    """
+    checks.codebook(codebook)
+    checks.latents(z, codebook)
+    checks.choice("reduction", reduction, ("sum", "mean"))
+    checks.choice("precision", precision, PRECISIONS)
+    beta = float(beta)
+    if not math.isfinite(beta) or beta < 0:
+        raise ValueError(f"beta must be a finite number >= 0, got {beta}")
+    zr = _rows(z).contiguous()
+    name = choose(zr, codebook, backend=backend)
+    z_q, idx, cb, cm, total = Quantize.apply(
+        zr, codebook.contiguous(), beta, reduction, precision, name, _deterministic(deterministic)
+    )
+    return QuantizeResult(z_q.reshape(z.shape), idx.reshape(z.shape[:-1]), cb, cm, total)
+
+
+def verify_assignment(
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    indices: torch.Tensor,
+    metric: str = "l2",
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Bool ``[...]``: is ``indices`` a nearest code of each vector, within fp32 rounding?
+
+    True where the float64 direct-form distance to the given code is within ``(1 + 2^-16)`` of the
+    distance to the code that exact ``assign`` finds: the certified index the spec wants handed
+    to it. Index -1 (no code) is never verified. Memory is O(N D); no N x K matrix.
+    """
+    checks.codebook(codebook)
+    checks.latents(z, codebook)
+    idx = checks.indices(indices, codebook.shape[0])
+    if idx.shape != z.shape[:-1]:
+        raise ValueError(f"indices must have shape z.shape[:-1] = {tuple(z.shape[:-1])}, got {tuple(idx.shape)}")
+    checks.same_device(indices=idx, codebook=codebook)
+    best = assign(z, codebook, metric=metric, backend=backend)
+    with torch.no_grad():
+        zz, c = z.detach().to(torch.float64), codebook.detach().to(torch.float64)
+        if metric == "cosine":
+            zz, c = _unit(zz), _unit(c)
+        d_given = (zz - c[idx.clamp_min(0)]).square().sum(-1)
+        d_best = (zz - c[best.clamp_min(0)]).square().sum(-1)
+        return (idx >= 0) & (best >= 0) & (d_given <= d_best * (1.0 + CONTRACT_RTOL))
