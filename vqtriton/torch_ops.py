@@ -76,7 +76,8 @@ def assign_fwd(
         zc = zz - mean  # [n_c, D]
         z_sq = zc.square().sum(-1)  # [n_c]
         approx = torch.addmm(c_sq.unsqueeze(0), zc, c64.T, alpha=-2.0).add_(z_sq.unsqueeze(1))
-        row_min = approx.nan_to_num_(nan=float("inf")).amin(1)
+        inf = float("inf")
+        row_min = approx.nan_to_num_(nan=inf, posinf=inf, neginf=inf).amin(1)
         finite = torch.isfinite(row_min)
         window = torch.where(finite, row_min + 4.0 * gamma * (z_sq + c_sq_max), -float("inf"))
         rows, codes = torch.nonzero(approx <= window.unsqueeze(1), as_tuple=True)
