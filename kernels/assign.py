@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from vqtriton.backend import interpreting
-from vqtriton.kernels import tune_configs
+from vqtriton.kernels import row_major, tune_configs
 
 __all__ = ["assign_fwd", "PRECISIONS"]
 
@@ -232,16 +232,10 @@ def _assign_kernel(z_ptr, c_ptr, mean_ptr, cs_ptr, csq_ptr, key_ptr, idx_ptr, di
 _KEY = ["n_bucket", "K", "D", "split", "MODE", "SEARCH", "FINISH", "RETURN_ZQ"]
 
 
-def _configs(gpu: list, interpreter: triton.Config) -> list:
-    """The GPU autotune space; under the interpreter, which pays per block operation rather than
-    per element, one numpy-sized config instead (register-sized blocks run ~10x slower there)."""
-    return tune_configs([interpreter] if interpreting() else gpu)
-
-
 # Exact mode: BN x BK x BD broadcast tiles of FMA work, no tensor cores (BD <= 64: see the bound
 # in _search_exact).
 _assign_exact = triton.autotune(
-    configs=_configs(
+    configs=tune_configs(
         [
             triton.Config({"BN": 16, "BK": 32, "BD": 16}, num_warps=4),
             triton.Config({"BN": 32, "BK": 32, "BD": 16}, num_warps=8),
@@ -257,7 +251,7 @@ _assign_exact = triton.autotune(
 
 # tf32 / bf16 modes: tensor-core tiles (every block dim >= 16 for tl.dot).
 _assign_dot = triton.autotune(
-    configs=_configs(
+    configs=tune_configs(
         [
             triton.Config({"BN": 64, "BK": 64, "BD": 32}, num_warps=4, num_stages=3),
             triton.Config({"BN": 128, "BK": 64, "BD": 32}, num_warps=4, num_stages=3),
@@ -347,8 +341,7 @@ def assign_fwd(z: torch.Tensor, codebook: torch.Tensor, *, precision: str = "exa
     k = codebook.shape[0]
     if k >= 2**31:
         raise ValueError(f"the code index must fit the key's 31 bits, got K = {k}")
-    z = z if z.stride(-1) == 1 else z.contiguous()
-    codebook = codebook if codebook.stride(-1) == 1 else codebook.contiguous()
+    z, codebook = row_major(z), row_major(codebook)
     idx = torch.empty(n, dtype=torch.int64, device=z.device)
     dist = torch.empty(n, dtype=torch.float32, device=z.device)
     z_q = torch.empty(n, d, dtype=codebook.dtype, device=z.device) if return_zq else None

@@ -17,36 +17,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from vqtriton.kernels import tune_configs
+from vqtriton.kernels import block_d, row_major, tile_configs, tile_rows
 
 __all__ = ["gather", "scatter_add"]
 
-# Widest D tile: 128 fp32 = 512 B per row per program, coalesced, and few registers per thread.
-_MAX_BLOCK_D = 128
 # The deterministic segment sum runs one pinned tile size (elements) and warp count: its addition
 # order must depend on D alone, never on which config an autotuner picked in this process.
 _SEG_TILE = 2048
 _SEG_WARPS = 4
-
-
-def block_d(d: int, cap: int = _MAX_BLOCK_D) -> int:
-    """The D tile for rows of width ``d``: the next power of two, at most ``cap``."""
-    return min(triton.next_power_of_2(d), cap)
-
-
-def row_major(t: Tensor) -> Tensor:
-    """``t`` itself when its last dim is unit-stride (row strides go to the kernels), else a copy."""
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def tile_configs(tiles_warps: list[tuple[int, int]]) -> list:
-    """Autotune configs of ``TILE`` (elements per program) and ``num_warps``, pinned under the interpreter."""
-    return tune_configs([triton.Config({"TILE": t}, num_warps=w) for t, w in tiles_warps])
-
-
-# BLOCK_N from the config's TILE and the launcher's BLOCK_D: the same tile size whatever D, so
-# narrow rows get many rows per program and wide rows do not spill registers.
-tile_rows = triton.heuristics({"BLOCK_N": lambda args: max(1, args["TILE"] // args["BLOCK_D"])})
 
 
 @triton.autotune(configs=tile_configs([(4096, 4), (8192, 8), (2048, 4)]), key=["D"])

@@ -17,7 +17,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from vqtriton.kernels.gather import block_d, row_major, scatter_add, tile_configs, tile_rows
+from vqtriton.kernels import block_d, row_major, tile_configs, tile_rows
+from vqtriton.kernels.gather import scatter_add
 
 __all__ = ["quantize_backward"]
 

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from vqtriton.kernels.gather import block_d, row_major, tile_configs, tile_rows
+from vqtriton.kernels import block_d, row_major, tile_configs, tile_rows
 
 __all__ = ["sqerr_rows", "sqerr_sum", "sqerr_backward"]
 

@@ -9,22 +9,15 @@ import torch
 
 import vqtriton as vqt
 from vqtriton import reference as R
+from helpers import f64, shape_id
 
 BACKENDS = ["torch", "triton"]
 SHAPES = [(1000, 333, 47), (1, 1, 1), (7, 1, 5), (1, 50, 3), (37, 19, 1), (0, 5, 4), (13, 6, 300)]
 
 
-def shape_id(s):
-    return "N{}-K{}-D{}".format(*s)
-
-
 @pytest.fixture(params=BACKENDS)
 def backend(request):
     return request.param
-
-
-def f64(t):
-    return t.detach().cpu().double().numpy()
 
 
 def contract_violations(z, codebook, idx, metric="l2"):

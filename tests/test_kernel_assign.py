@@ -14,6 +14,7 @@ from vqtriton import reference as R
 from vqtriton import torch_ops
 from vqtriton.kernels import assign as A
 from vqtriton.kernels.assign import assign_fwd
+from helpers import f64, poison as poison_modules, shape_id
 
 SHAPES = [(1000, 333, 47), (1, 1, 1), (7, 1, 5), (1, 50, 3), (37, 19, 1), (0, 5, 4), (20, 30, 300), (5, 9, 2048)]
 PRECISIONS = ["exact", "tf32", "bf16"]
@@ -21,14 +22,6 @@ HALF = [torch.float16, torch.bfloat16]
 # Unit roundoff of the dot's operands: tf32 may truncate (10 bits kept), bf16 rounds to 8 bits.
 U_DOT = {"tf32": 2.0**-10, "bf16": 2.0**-8}
 EXACT = 1 + 2**-16
-
-
-def shape_id(s):
-    return "N{}-K{}-D{}".format(*s)
-
-
-def f64(t):
-    return t.detach().cpu().to(torch.float64).numpy()
 
 
 def first(rows, *cols):
@@ -165,22 +158,10 @@ def test_split_gives_identical_results(device, precision):
             assert bad.numel() == 0, f"split={split} changes {name} at rows {bad[:5].tolist()}"
 
 
-class _PoisonedTorch:
-    """``torch`` whose ``empty`` hands out poisoned memory: NaN, or -7 for integers."""
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def empty(*size, **kw):
-        t = torch.empty(*size, **kw)
-        return t.fill_(float("nan") if t.is_floating_point() else -7)
-
-
 @pytest.mark.parametrize("split", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, *HALF], ids=str)
 def test_return_zq_writes_every_row(device, monkeypatch, dtype, split):
-    monkeypatch.setattr(A, "torch", _PoisonedTorch())
+    poison_modules(monkeypatch, A)
     z = torch.randn(150, 37, device=device, dtype=dtype)
     c = torch.randn(333, 37, device=device, dtype=dtype)
     z[7, 3] = float("nan")  # no code: its z_q row is zeros

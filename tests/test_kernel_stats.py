@@ -12,35 +12,16 @@ import torch
 from vqtriton import torch_ops
 from vqtriton.kernels import gather as G
 from vqtriton.kernels import stats as ST
+from helpers import f64, poison as poison_modules, shape_id
 
 SHAPES = [(1000, 333, 47), (1, 1, 1), (0, 4, 3), (75, 1, 300), (17, 9, 2048), (37, 19, 1), (300, 7, 33)]
 U32 = 2.0**-24
 MODES = pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
 
 
-def shape_id(s):
-    return "N{}-K{}-D{}".format(*s)
-
-
-class _PoisonedTorch:
-    """Stands in for ``torch`` inside a kernel module: ``empty`` hands out poisoned buffers."""
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def empty(*size, **kw):
-        t = torch.empty(*size, **kw)
-        return t.fill_(float("nan") if t.is_floating_point() else -7)
-
-
 @pytest.fixture
 def poison(monkeypatch):
-    monkeypatch.setattr(G, "torch", _PoisonedTorch())
-
-
-def f64(t):
-    return t.detach().cpu().double().numpy()
+    poison_modules(monkeypatch, G)
 
 
 def random_idx(n, k, device, *, masked=0.1):

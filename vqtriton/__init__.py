@@ -5,6 +5,8 @@ stop-gradients, and a VQ layer built on them. ``vqtriton.reference`` is the NumP
 """
 
 from vqtriton.functional import QuantizeResult, assign, lookup, quantize, squared_error, verify_assignment
+from vqtriton.layer import QuantizerBreakdown, VectorQuantizer
+from vqtriton.model import VQVAE, LossBreakdown
 
 __version__ = "0.1.0"
 
@@ -15,4 +17,8 @@ __all__ = [
     "quantize",
     "verify_assignment",
     "QuantizeResult",
+    "VectorQuantizer",
+    "QuantizerBreakdown",
+    "VQVAE",
+    "LossBreakdown",
 ]

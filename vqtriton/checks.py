@@ -7,9 +7,12 @@ IndexError for indices out of range. Messages name the shapes and dtypes they sa
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
-__all__ = ["float_tensor", "codebook", "latents", "indices", "choice", "same_device"]
+__all__ = ["float_tensor", "codebook", "latents", "indices", "choice", "same_device", "integer", "real"]
 
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
@@ -73,3 +76,21 @@ def choice(name: str, value, options: tuple) -> str:
     if value not in options:
         raise ValueError(f"{name} must be one of {options}, got {value!r}")
     return value
+
+
+def integer(name: str, value, low: int | None = None) -> int:
+    """A Python int (not a bool), at least ``low`` when given."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return int(value)
+
+
+def real(name: str, value, ok, requirement: str) -> float:
+    """A finite real number (not a bool) for which ``ok(value)`` holds; ``requirement`` says which."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not (math.isfinite(value) and ok(value)):
+        raise ValueError(f"{name} must be {requirement}, got {value}")
+    return float(value)

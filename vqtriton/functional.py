@@ -146,9 +146,7 @@ def quantize(
     checks.latents(z, codebook)
     checks.choice("reduction", reduction, ("sum", "mean"))
     checks.choice("precision", precision, PRECISIONS)
-    beta = float(beta)
-    if not math.isfinite(beta) or beta < 0:
-        raise ValueError(f"beta must be a finite number >= 0, got {beta}")
+    beta = checks.real("beta", beta, lambda v: v >= 0, ">= 0")
     zr = _rows(z).contiguous()
     name = choose(zr, codebook, backend=backend)
     z_q, idx, cb, cm, total = Quantize.apply(

@@ -89,9 +89,10 @@ def assign_fwd(
         best = torch.where(finite & (best < k), best, -1)
         # The reported distance is the direct form on the inputs as given (no centring).
         row_dist = (zz - codebook.index_select(0, best.clamp_min(0)).to(torch.float64)).square().sum(-1)
-        row_dist = torch.where(best >= 0, row_dist, _nonfinite_distance(zz, codebook))
-        idx[s : s + step] = best
-        dist[s : s + step] = row_dist.to(out_dtype)
+        row_dist = torch.where(best >= 0, row_dist, _nonfinite_distance(zz, codebook)).to(out_dtype)
+        # A distance that overflows the output dtype is no finite distance either.
+        idx[s : s + step] = torch.where(torch.isfinite(row_dist), best, -1)
+        dist[s : s + step] = row_dist
     return idx, dist, gather(idx, codebook) if return_zq else None
 
 

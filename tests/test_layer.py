@@ -1,0 +1,425 @@
+"""VectorQuantizer against vector-quantize-pytorch, vqtriton.reference and float64 computations.
+
+Core behaviour runs on both backends ("torch", "triton": the kernels, through the interpreter on a
+CPU); the longer training tests run once on the default routing. Shapes are small and not powers of two.
+"""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from vector_quantize_pytorch import VectorQuantize
+
+from vqtriton import reference
+from vqtriton.layer import VectorQuantizer
+from helpers import f64
+
+BACKENDS = ["torch", "triton"]
+
+
+def per_code_sums(idx: np.ndarray, rows: np.ndarray, num_codes: int) -> np.ndarray:
+    out = np.zeros((num_codes, rows.shape[1]))
+    np.add.at(out, idx, rows)
+    return out
+
+
+def smoothed(size: np.ndarray, eps: float) -> np.ndarray:
+    n = size.sum()
+    return (size + eps) / (n + size.shape[0] * eps) * n
+
+
+def spread(ref: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Indices of the kept rows (``m`` True) at their positions, -1 elsewhere."""
+    out = np.full(m.shape, -1, np.int64)
+    out[m] = ref
+    return out
+
+
+def spread_rows(rows: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Rows of the kept vectors at their positions ``[..., D]``, zeros elsewhere."""
+    out = np.zeros((*m.shape, rows.shape[-1]))
+    out[m] = rows
+    return out
+
+
+def close(actual, expected, rtol=1e-6, atol=1e-6):
+    actual = f64(actual) if isinstance(actual, torch.Tensor) else actual
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol)
+
+
+# --- parity with vector-quantize-pytorch ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["all", "masked"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_vector_quantize_pytorch(backend, masked, device):
+    B, T, D, K, beta = 3, 37, 19, 45, 0.3
+    ours = VectorQuantizer(D, K, beta=beta, backend=backend).to(device)
+    theirs = VectorQuantize(D, K, learnable_codebook=True, ema_update=False, commitment_weight=1.0).to(device).train()
+    with torch.no_grad():
+        theirs._codebook.embed.copy_(ours.codebook.unsqueeze(0))  # their embed is [heads=1, K, D]
+    z = torch.randn(B, T, D, device=device)
+    mask = torch.rand(B, T, device=device) > 0.3 if masked else None
+
+    # An input without grad: with grad they apply the rotation trick, equal to z_q only up to rounding.
+    z_q, idx, loss = ours(z, mask)
+    their_q, their_idx, their_loss = theirs(z, mask=mask)
+    assert torch.equal(idx, their_idx)
+    assert torch.equal(z_q, their_q)
+    # Theirs is mse(z_q, z); ours is codebook + beta * commitment, each that same mse.
+    torch.testing.assert_close(loss, their_loss * (1 + beta), rtol=1e-5, atol=0)
+
+    # Loss gradients: the same on the codebook; beta times theirs on z (their mse trains z fully).
+    z_ours, z_theirs = z.clone().requires_grad_(), z.clone().requires_grad_()
+    ours(z_ours, mask)[2].backward()
+    theirs(z_theirs, mask=mask)[2].backward()
+    torch.testing.assert_close(ours.codebook.grad, theirs._codebook.embed.grad[0], rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(z_ours.grad, beta * z_theirs.grad, rtol=1e-5, atol=1e-8)
+
+
+# --- the learned layer, masks, channel-first, cosine ----------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mask_against_float64(backend, device):
+    B, T, D, K, beta = 4, 29, 13, 31, 0.3
+    vq = VectorQuantizer(D, K, beta=beta, backend=backend).to(device)
+    mask = torch.rand(B, T, device=device) > 0.4
+    z = torch.randn(B, T, D, device=device)
+    z[~mask] = float("nan")  # a masked vector that reached any loss, statistic or metric would show
+    z.requires_grad_()
+    z_q, idx, loss, parts = vq(z, mask, return_breakdown=True)
+
+    m = f64(mask).astype(bool)
+    zk, cb = f64(z)[m], f64(vq.codebook)
+    ref = reference.nearest_code(zk, cb)
+    assert torch.equal(idx[~mask], torch.full_like(idx[~mask], -1))
+    np.testing.assert_array_equal(idx[mask].cpu().numpy(), ref)
+    assert torch.equal(z_q[mask], vq.codebook.detach()[idx[mask]])
+    assert torch.equal(z_q[~mask], torch.zeros_like(z_q[~mask]))
+
+    mse = np.mean((zk - cb[ref]) ** 2)  # over the kept elements only
+    close(parts.codebook_loss, mse)
+    close(parts.commitment_loss, mse)
+    close(loss, (1 + beta) * mse)
+    p = np.bincount(ref, minlength=K) / ref.size
+    close(parts.perplexity, np.exp(-np.sum(p[p > 0] * np.log(p[p > 0]))))
+    close(parts.usage, np.mean(p > 0))
+
+    w = torch.randn_like(z_q)
+    ((z_q * w).sum() + loss).backward()
+    scale = 2.0 / zk.size
+    close(z.grad, spread_rows(f64(w)[m] + beta * scale * (zk - cb[ref]), m))  # straight-through + commitment
+    close(vq.codebook.grad, per_code_sums(ref, scale * (cb[ref] - zk), K))
+
+
+def test_all_masked_batch(device):
+    vq = VectorQuantizer(7, 5, ema_decay=0.9, reduction="sum").to(device)
+    z = torch.randn(3, 4, 7, device=device)
+    z_q, idx, loss, parts = vq(z, torch.zeros(3, 4, dtype=torch.bool, device=device), return_breakdown=True)
+    assert torch.equal(idx, torch.full((3, 4), -1, device=device))
+    assert torch.equal(z_q, torch.zeros_like(z))
+    assert loss.item() == 0.0 and parts.perplexity.item() == 1.0 and parts.usage.item() == 0.0
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 5, 3), (3, 7, 11)], ids=["BCHW", "BCT"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_channel_first(backend, shape, device):
+    D, K, beta = shape[1], 19, 0.25
+    vq = VectorQuantizer(D, K, beta=beta, channel_dim=1, backend=backend).to(device)
+    z = torch.randn(shape, device=device, requires_grad=True)
+    lead = (shape[0], *shape[2:])
+    mask = torch.rand(lead, device=device) > 0.3
+    z_q, idx, loss = vq(z, mask)
+
+    assert z_q.shape == z.shape and idx.shape == lead
+    m = f64(mask).astype(bool)
+    zk, cb = f64(z.movedim(1, -1))[m], f64(vq.codebook)
+    ref = reference.nearest_code(zk, cb)
+    np.testing.assert_array_equal(idx.cpu().numpy(), spread(ref, m))
+    np.testing.assert_array_equal(f64(z_q.movedim(1, -1)), spread_rows(cb[ref], m))
+    close(loss, (1 + beta) * np.mean((zk - cb[ref]) ** 2))
+    # Decoding indices gives the same layout; -1 decodes to zeros.
+    assert torch.equal(vq.get_output_from_indices(idx), z_q)
+    assert vq.decode == vq.get_output_from_indices
+
+    w = torch.randn_like(z_q)
+    ((z_q * w).sum() + loss).backward()
+    dz = f64(w.movedim(1, -1))[m] + beta * 2 * (zk - cb[ref]) / zk.size
+    close(z.grad.movedim(1, -1), spread_rows(dz, m))
+
+
+@pytest.mark.parametrize("ema_decay", [None, 0.7], ids=["learned", "ema"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cosine(backend, ema_decay, device):
+    N, D, K, beta = 83, 9, 21, 0.25
+    vq = VectorQuantizer(D, K, beta=beta, metric="cosine", ema_decay=ema_decay, backend=backend).to(device)
+    z = 3 * torch.randn(N, D, device=device) + 0.5
+    cb = f64(vq.codebook)
+    z_q, idx, loss = vq(z)
+
+    ref = reference.nearest_code(f64(z), cb, metric="cosine")
+    np.testing.assert_array_equal(idx.cpu().numpy(), ref)
+    close(z_q, reference.normalize(cb)[ref])
+    close(vq.get_output_from_indices(idx), reference.normalize(f64(vq.codebook))[ref])  # codes after any update
+    err = np.mean((reference.normalize(f64(z)) - reference.normalize(cb)[ref]) ** 2)
+    close(loss, (1 + beta if ema_decay is None else beta) * err)
+    if ema_decay is not None:  # the statistics sum the normalised vectors the quantizer compared
+        sums = per_code_sums(ref, reference.normalize(f64(z)), K)
+        close(vq.embed_sum, ema_decay * cb + (1 - ema_decay) * sums, rtol=1e-5)
+
+
+# --- EMA, dead codes, k-means -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ema_steps_against_float64(backend, device):
+    N, D, K, g, eps, beta = 150, 11, 23, 0.9, 1e-3, 0.4
+    vq = VectorQuantizer(D, K, beta=beta, ema_decay=g, eps=eps, backend=backend).to(device)
+    assert list(vq.parameters()) == [] and "codebook" in dict(vq.named_buffers())
+    size, embed_sum = np.ones(K), f64(vq.codebook)
+    for step in range(3):
+        z = (1.5 * torch.randn(N, D, device=device)).requires_grad_()
+        mask = None if step == 0 else torch.rand(N, device=device) > 0.25
+        before = vq.codebook.clone()
+        z_q, idx, loss = vq(z, mask)
+
+        m = np.ones(N, bool) if mask is None else f64(mask).astype(bool)
+        zk, cb = f64(z)[m], f64(before)
+        ref = reference.nearest_code(zk, cb)
+        np.testing.assert_array_equal(idx.cpu().numpy(), spread(ref, m))
+        assert torch.equal(z_q[idx >= 0], before[idx[idx >= 0]])  # the codebook from before the update
+
+        close(loss, beta * np.mean((zk - cb[ref]) ** 2))
+        (dz,) = torch.autograd.grad(loss, z)  # the buffer takes no gradient; z gets beta * commitment's
+        dz_kept = beta * 2 * (zk - cb[ref]) / zk.size
+        close(dz, spread_rows(dz_kept, m))
+
+        size = g * size + (1 - g) * np.bincount(ref, minlength=K)
+        embed_sum = g * embed_sum + (1 - g) * per_code_sums(ref, zk, K)
+        assert vq.cluster_size.dtype == vq.embed_sum.dtype == torch.float32
+        close(vq.cluster_size, size)
+        close(vq.embed_sum, embed_sum, rtol=1e-5)
+        close(vq.codebook, embed_sum / smoothed(size, eps)[:, None], rtol=1e-5)
+
+    vq.eval()  # no update in eval mode; the loss is still computed
+    state = {k: v.clone() for k, v in vq.state_dict().items()}
+    _, _, loss = vq(torch.randn(N, D, device=device))
+    assert loss.item() > 0
+    assert all(torch.equal(v, vq.state_dict()[k]) for k, v in state.items())
+
+
+def test_dead_code_restart_revives_starved_codes(device):
+    D, K, g, thr = 6, 40, 0.8, 1.0
+    vq = VectorQuantizer(D, K, ema_decay=g, dead_code_threshold=thr).to(device)
+    twin = VectorQuantizer(D, K, ema_decay=g).to(device)  # no restart
+    with torch.no_grad():  # starve codes 10..39: far from the N(0, 1) data, statistics consistent
+        vq.codebook[10:] += 50.0
+        vq.embed_sum.copy_(vq.codebook)
+        twin.load_state_dict(vq.state_dict())
+
+    # 25 rows, 5 of them masked: more dead codes than kept rows, so only 20 are re-seeded now.
+    z = torch.randn(25, D, device=device)
+    mask = torch.arange(25, device=device) >= 5
+    z[~mask] = 1e3  # masked rows must never seed a code
+    before = vq.codebook.clone()
+    _, idx, _ = vq(z, mask)
+
+    size = g + (1 - g) * np.bincount(idx[mask].cpu().numpy(), minlength=K)  # the EMA step
+    dead = size < thr
+    kept = f64(z[mask])
+    match = np.abs(f64(vq.codebook)[:, None, :] - kept[None, :, :]).max(-1) < 1e-5  # [K, kept rows]
+    seeded = match.any(1)
+    assert seeded.sum() == min(dead.sum(), 20) == 20  # more dead codes than rows: one code per row
+    assert dead[seeded].all() and len(set(match[seeded].argmax(1))) == 20  # distinct kept rows
+    close(vq.cluster_size, np.where(seeded, 1.0, size))  # re-seeded codes restart as fresh ones
+    close(vq.codebook, f64(vq.embed_sum) / smoothed(f64(vq.cluster_size), vq.eps)[:, None])  # consistent
+
+    for _ in range(3):
+        z = torch.randn(100, D, device=device)
+        vq(z), twin(z)
+    assert f64(vq.codebook).max() < 10  # no starved code left
+    assert (f64(twin.codebook).max(1) > 40).sum() == 30
+    vq.eval(), twin.eval()
+    z = torch.randn(300, D, device=device)
+    assert vq(z, return_breakdown=True)[3].usage > twin(z, return_breakdown=True)[3].usage + 0.4
+
+
+def clustered(num_clusters: int, per: int, D: int, device) -> torch.Tensor:
+    centres = 6 * torch.randn(num_clusters, D, device=device)
+    return centres.repeat_interleave(per, 0) + 0.2 * torch.randn(num_clusters * per, D, device=device)
+
+
+def lloyd(x: torch.Tensor, k: int, iters: int) -> np.ndarray:
+    """Float64 Lloyd's k-means from the centres the layer samples (call with the same generator state)."""
+    n = x.shape[0]
+    pick = torch.randperm(n, device=x.device)[:k] if n >= k else torch.randint(n, (k,), device=x.device)
+    xs = f64(x)
+    centres = xs[pick.cpu().numpy()]
+    for _ in range(iters):
+        a = reference.nearest_code(xs, centres)
+        counts = np.bincount(a, minlength=k)[:, None]
+        centres = np.where(counts > 0, per_code_sums(a, xs, k) / np.maximum(counts, 1), centres)
+    return centres
+
+
+@pytest.mark.parametrize("ema_decay", [None, 0.9], ids=["learned", "ema"])
+def test_kmeans_init_on_clustered_data(ema_decay, device):
+    D, K, iters, g = 8, 23, 4, 0.9
+    x = torch.cat([clustered(3, 40, D, device), torch.full((10, D), 1e3, device=device)])
+    mask = torch.arange(x.shape[0], device=device) < 120  # the far rows are padding
+    km = VectorQuantizer(D, K, ema_decay=ema_decay, kmeans_init=True, kmeans_iters=iters).to(device)
+    rnd = VectorQuantizer(D, K, ema_decay=ema_decay).to(device)
+
+    km.eval()
+    km(x, mask)  # no k-means in eval mode
+    assert not km.initted
+    km.train()
+    torch.manual_seed(11)
+    z_q, idx, _, parts = km(x, mask, return_breakdown=True)
+    assert km.initted
+    torch.manual_seed(11)
+    centres = lloyd(x[mask], K, iters)
+
+    # This step quantized with the k-means centres (an EMA step follows it in EMA mode).
+    ref = reference.nearest_code(f64(x[mask]), centres)
+    np.testing.assert_array_equal(idx[mask].cpu().numpy(), ref)
+    close(z_q[mask], centres[ref], atol=1e-5)
+    assert parts.commitment_loss < 0.01 * rnd(x, mask, return_breakdown=True)[3].commitment_loss
+    if ema_decay is None:  # k-means runs once: a learned codebook stays put in later forwards
+        close(km.codebook, centres, atol=1e-5)
+        km(clustered(3, 5, D, device))
+        close(km.codebook, centres, atol=1e-5)
+    else:  # k-means gave the codes fresh statistics (cluster size 1) before this step's EMA update
+        close(km.cluster_size, g + (1 - g) * np.bincount(ref, minlength=K))
+
+
+def test_kmeans_init_with_fewer_rows_than_codes(device):
+    vq = VectorQuantizer(5, 9, kmeans_init=True, kmeans_iters=3).to(device)
+    x = torch.randn(4, 5, device=device)
+    torch.manual_seed(3)
+    vq(x)
+    torch.manual_seed(3)
+    close(vq.codebook, lloyd(x, 9, 3), atol=1e-6)  # sampled with replacement
+
+
+# --- dtypes, autocast, state_dict -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_autocast(dtype, device):
+    N, D, K, g = 70, 10, 17, 0.9
+    lin = nn.Linear(D, D).to(device)
+    vq = VectorQuantizer(D, K, ema_decay=g).to(device)
+    before = vq.codebook.clone()
+    with torch.autocast(torch.device(device).type, dtype=dtype):
+        z = lin(torch.randn(N, D, device=device))
+        assert z.dtype == dtype
+        z_q, idx, loss = vq(z)
+    assert z_q.dtype == dtype and loss.dtype == torch.float32
+    ref = reference.nearest_code(f64(z), f64(before))  # the fp32 codes, against z's values as given
+    np.testing.assert_array_equal(idx.cpu().numpy(), ref)
+    assert torch.equal(z_q, before[idx].to(dtype))
+    close(loss, 0.25 * np.mean((f64(z) - f64(before)[ref]) ** 2), rtol=1e-5)  # fp32 codes, not rounded to z's dtype
+    assert vq.cluster_size.dtype == vq.embed_sum.dtype == torch.float32
+    close(vq.cluster_size, g + (1 - g) * np.bincount(ref, minlength=K))
+    close(vq.embed_sum, g * f64(before) + (1 - g) * per_code_sums(ref, f64(z), K), rtol=1e-5)
+    loss.backward()
+    assert lin.weight.grad is not None and torch.isfinite(lin.weight.grad).all() and lin.weight.grad.abs().sum() > 0
+
+
+def test_casts_keep_ema_statistics_fp32(device):
+    N, D, K, g = 90, 6, 13, 0.95
+    vq = VectorQuantizer(D, K, ema_decay=g).to(device)
+    vq(torch.randn(N, D, device=device))
+    stats = {name: getattr(vq, name).clone() for name in ("cluster_size", "embed_sum")}
+    for cast in (torch.bfloat16, torch.float16, torch.float64, torch.float32, torch.bfloat16):
+        vq.to(cast)
+        assert vq.codebook.dtype == cast
+        for name, value in stats.items():  # full-precision values, not rounded through the cast
+            assert getattr(vq, name).dtype == torch.float32 and torch.equal(getattr(vq, name), value)
+
+    z = torch.randn(N, D, device=device, dtype=torch.bfloat16)
+    z_q, idx, _ = vq(z)  # a bf16 module still accumulates fp32 statistics
+    assert z_q.dtype == torch.bfloat16 and vq.cluster_size.dtype == torch.float32
+    counts = np.bincount(idx.cpu().numpy(), minlength=K)
+    close(vq.cluster_size, g * f64(stats["cluster_size"]) + (1 - g) * counts, rtol=1e-6, atol=0)
+    close(vq.embed_sum, g * f64(stats["embed_sum"]) + (1 - g) * per_code_sums(idx.cpu().numpy(), f64(z), K), rtol=1e-5)
+
+
+@pytest.mark.parametrize("ema_decay", [None, 0.9], ids=["learned", "ema"])
+def test_state_dict_round_trip(ema_decay, device):
+    D, K = 7, 15
+    cfg = dict(ema_decay=ema_decay, kmeans_init=True, kmeans_iters=3, dead_code_threshold=0.5 if ema_decay else 0.0)
+    a = VectorQuantizer(D, K, **cfg).to(device)
+    for _ in range(2):
+        a(torch.randn(60, D, device=device))
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    buf.seek(0)
+    saved = torch.load(buf)
+    expected = {"codebook", "initted"} | ({"cluster_size", "embed_sum"} if ema_decay else set())
+    assert set(saved) == expected
+
+    b = VectorQuantizer(D, K, **cfg).to(device)
+    b.load_state_dict(saved)
+    for name, value in a.state_dict().items():
+        assert b.state_dict()[name].dtype == value.dtype and torch.equal(b.state_dict()[name], value)
+    # The same training step on both: identical outputs and state (k-means does not run again).
+    z = torch.randn(60, D, device=device)
+    torch.manual_seed(7)
+    out_a = a(z)
+    torch.manual_seed(7)
+    out_b = b(z)
+    assert all(torch.equal(x, y) for x, y in zip(out_a, out_b))
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+
+
+# --- argument checks ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(dim=0), ValueError, "dim must be >= 1"),
+        (dict(dim=4.0), TypeError, "dim must be an int"),
+        (dict(num_codes=0), ValueError, "num_codes must be >= 1"),
+        (dict(beta=-0.5), ValueError, "beta must be >= 0"),
+        (dict(beta=float("inf")), ValueError, "beta"),
+        (dict(ema_decay=1.0), ValueError, r"ema_decay must be in \(0, 1\)"),
+        (dict(ema_decay=0.0), ValueError, "ema_decay"),
+        (dict(eps=0.0), ValueError, "eps must be > 0"),
+        (dict(metric="dot"), ValueError, "metric must be one of"),
+        (dict(channel_dim=1.0), TypeError, "channel_dim must be an int"),
+        (dict(kmeans_iters=-1), ValueError, "kmeans_iters must be >= 0"),
+        (dict(dead_code_threshold=-1.0), ValueError, "dead_code_threshold must be >= 0"),
+        (dict(dead_code_threshold=1.0), ValueError, "needs ema_decay"),
+        (dict(reduction="none"), ValueError, "reduction must be one of"),
+        (dict(precision="fp8"), ValueError, "precision must be one of"),
+        (dict(backend="cuda"), ValueError, "backend must be one of"),
+    ],
+    ids=lambda v: next(iter(v)) if isinstance(v, dict) else None,
+)
+def test_constructor_checks(kwargs, error, match):
+    args = dict(dim=4, num_codes=8) | kwargs
+    with pytest.raises(error, match=match):
+        VectorQuantizer(args.pop("dim"), args.pop("num_codes"), **args)
+
+
+def test_forward_checks(device):
+    vq = VectorQuantizer(5, 8, channel_dim=1).to(device)
+    with pytest.raises(ValueError, match=r"dim = 5 channels in dim 1, got shape \(2, 4, 3\)"):
+        vq(torch.randn(2, 4, 3, device=device))
+    with pytest.raises(ValueError, match="channels in dim 1"):
+        vq(torch.randn(5, device=device))
+    with pytest.raises(TypeError, match="floating-point"):
+        vq(torch.ones(2, 5, 3, dtype=torch.int64, device=device))
+    z = torch.randn(2, 5, 3, device=device)
+    with pytest.raises(TypeError, match="mask must be a bool tensor"):
+        vq(z, torch.ones(2, 3, device=device))
+    with pytest.raises(ValueError, match=r"mask must have .* \(2, 3\) for z \(2, 5, 3\), got \(2, 5\)"):
+        vq(z, torch.ones(2, 5, dtype=torch.bool, device=device))
+    with pytest.raises(ValueError, match="reduction"):
+        vq(z, reduction="none")

@@ -1,0 +1,433 @@
+"""Benchmark machinery shared by the pytest-benchmark suites (``benchmarks/``) and ``vqtriton bench``.
+
+Each op (assign, lookup, sqerr, quantize, layer) has *providers*: vqtriton, what users would run
+instead (torch eager, torch.compile, cdist, vector-quantize-pytorch), and GEMM-alone references.
+A provider is ``make(x: Inputs) -> forward``; :func:`timed_callable` adds the backward and a device
+sync. :func:`run_report` times all of them in one run, with ratios to vqtriton. On the CPU vqtriton
+runs its torch backend on tiny shapes: that checks the machinery only. No CUDA query at import.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import gc
+import importlib
+import json
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+import vqtriton as vqt
+
+# (N, K, D): the five shapes of the performance issue, then small N with large K.
+GPU_SHAPES = ((32768, 1024, 256), (65536, 1024, 128), (65536, 16384, 8), (65536, 8192, 256), (262144, 4096, 64))
+SMALL_N_SHAPE = (512, 65536, 64)
+CPU_SHAPES = ((2048, 256, 32), (4096, 512, 16))
+REPORT_OPS = ("assign", "quantize", "layer")
+BETA = 0.25
+
+
+class Unavailable(RuntimeError):
+    """A provider that cannot run here (an optional package or module that does not import)."""
+
+
+@dataclass
+class Inputs:
+    z: torch.Tensor  # [N, D] latents
+    codebook: torch.Tensor  # [K, D]
+    idx: torch.Tensor  # [N] random codes, for lookup
+    other: torch.Tensor  # [N, D] second operand, for squared error
+    grad: torch.Tensor  # [N, D] upstream gradient of an [N, D] output
+
+    @property
+    def dk(self) -> tuple[int, int]:
+        """``(D, K)``: how VQ layers are built, ``Layer(dim, num_codes)``."""
+        return self.z.shape[1], self.codebook.shape[0]
+
+
+def shape_id(shape) -> str:
+    return "N{}-K{}-D{}".format(*shape)
+
+
+def default_shapes(device) -> tuple:
+    """The issue's five shapes and small-N on CUDA, the tiny CPU shapes elsewhere."""
+    return GPU_SHAPES + (SMALL_N_SHAPE,) if torch.device(device).type == "cuda" else CPU_SHAPES
+
+
+def make_inputs(shape, device, *, requires_grad: bool = False, seed: int = 0) -> Inputs:
+    """N(0, 1) float32 data for one shape; ``requires_grad`` on ``z``, ``codebook`` and ``other``."""
+    n, k, d = shape
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*size, grad=requires_grad):
+        return torch.randn(*size, generator=g).to(device).requires_grad_(grad)
+
+    idx = torch.randint(0, k, (n,), generator=g).to(device)
+    return Inputs(randn(n, d), randn(k, d), idx, randn(n, d), randn(n, d, grad=False))
+
+
+# --- baselines, as users write them -------------------------------------------------------------
+
+
+def eager_assign(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """The N x K distance matrix in the addmm form, then argmin (``||z||^2`` dropped: constant per row)."""
+    return torch.addmm(codebook.square().sum(1), z, codebook.T, alpha=-2.0).argmin(1)
+
+
+def cdist_assign(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    return torch.cdist(z, codebook).argmin(1)
+
+
+def eager_sqerr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a - b).square().sum()
+
+
+def eager_vq(z: torch.Tensor, codebook: torch.Tensor, beta: float = BETA):
+    """A plain eager VQ step: distance matrix + argmin, embedding, the two MSE losses, straight-through."""
+    with torch.no_grad():
+        idx = eager_assign(z, codebook)
+    z_q = F.embedding(idx, codebook)
+    loss = F.mse_loss(z_q, z.detach()) + beta * F.mse_loss(z, z_q.detach())
+    return z + (z_q - z).detach(), idx, loss
+
+
+class EagerVQ(torch.nn.Module):
+    """The plain eager torch VQ layer (learned codebook) of the layer comparisons."""
+
+    def __init__(self, dim: int, num_codes: int, beta: float = BETA):
+        super().__init__()
+        self.codebook = torch.nn.Parameter(torch.randn(num_codes, dim))
+        self.beta = beta
+
+    def forward(self, z):
+        return eager_vq(z, self.codebook, self.beta)
+
+
+# --- providers: make(x) -> forward callable -----------------------------------------------------
+
+
+@functools.cache
+def _compiled(fn):
+    # One specialised graph per shape, shared by every caller.
+    return torch.compile(fn, dynamic=False)
+
+
+def _with_tf32(enabled: bool, fn, *args):
+    """``fn(*args)`` with cuBLAS TF32 on or off, the flag restored after (no effect on the CPU)."""
+
+    def run():
+        old = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        try:
+            return fn(*args)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = old
+
+    return run
+
+
+def _backend(x: Inputs) -> str | None:
+    return None if x.z.is_cuda else "torch"
+
+
+def _import(module: str, name: str):
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise Unavailable(f"{module}.{name} does not import: {e}") from e
+
+
+def _gemm(x: Inputs, dtype: torch.dtype):
+    z, c = x.z.detach().to(dtype), x.codebook.detach().to(dtype)  # cast outside the timed call
+    return _with_tf32(False, torch.mm, z, c.T)
+
+
+def _vqtriton_quantize(x: Inputs):
+    def run():
+        r = vqt.quantize(x.z, x.codebook, beta=BETA, reduction="mean", backend=_backend(x))
+        return r.z_q, r.indices, r.loss
+
+    return run
+
+
+def _layer(module, x: Inputs, batched: bool = False):
+    """Step of a layer module on ``z``; ``batched`` feeds ``[1, N, D]`` (vector-quantize-pytorch)."""
+    module = module.to(x.z.device)
+
+    def run():
+        module.zero_grad(set_to_none=True)
+        z_q, idx, loss = module(x.z[None] if batched else x.z)
+        return (z_q[0], idx[0], loss) if batched else (z_q, idx, loss)
+
+    return _with_tf32(False, run)
+
+
+# op -> provider -> make. "vqtriton" is each op's reference for the ratios; the order is that of
+# the tables and charts. Forward-only ops run under no_grad (see timed_callable).
+PROVIDERS: dict[str, dict[str, Callable[[Inputs], Callable[[], Any]]]] = {
+    "assign": {
+        "vqtriton": lambda x: functools.partial(vqt.assign, x.z, x.codebook, backend=_backend(x)),
+        "eager-fp32": lambda x: _with_tf32(False, eager_assign, x.z, x.codebook),
+        "eager-tf32": lambda x: _with_tf32(True, eager_assign, x.z, x.codebook),
+        "compile-tf32": lambda x: _with_tf32(True, _compiled(eager_assign), x.z, x.codebook),
+        "cdist": lambda x: _with_tf32(False, cdist_assign, x.z, x.codebook),
+        "gemm-fp32": lambda x: _gemm(x, torch.float32),
+        "gemm-bf16": lambda x: _gemm(x, torch.bfloat16),
+    },
+    "lookup": {
+        "vqtriton": lambda x: functools.partial(vqt.lookup, x.idx, x.codebook, backend=_backend(x)),
+        "eager": lambda x: functools.partial(F.embedding, x.idx, x.codebook),
+        "compile": lambda x: functools.partial(_compiled(F.embedding), x.idx, x.codebook),
+    },
+    "sqerr": {
+        "vqtriton": lambda x: functools.partial(vqt.squared_error, x.z, x.other, backend=_backend(x)),
+        "eager": lambda x: functools.partial(eager_sqerr, x.z, x.other),
+        "compile": lambda x: functools.partial(_compiled(eager_sqerr), x.z, x.other),
+    },
+    "quantize": {
+        "vqtriton": _vqtriton_quantize,
+        "eager": lambda x: _with_tf32(False, eager_vq, x.z, x.codebook),
+        "compile": lambda x: _with_tf32(False, _compiled(eager_vq), x.z, x.codebook),
+    },
+    "layer": {
+        "vqtriton": lambda x: _layer(
+            _import("vqtriton.layer", "VectorQuantizer")(*x.dk, beta=BETA, backend=_backend(x)), x
+        ),
+        "eager": lambda x: _layer(EagerVQ(*x.dk), x),
+        # vector-quantize-pytorch's defaults (EMA codebook, rotation trick), as users run it
+        "vqp": lambda x: _layer(_import("vector_quantize_pytorch", "VectorQuantize")(*x.dk), x, batched=True),
+    },
+}
+
+
+def _backward(out, grad: torch.Tensor) -> None:
+    """Backward from a forward's output: a VQ triple ``(z_q, idx, loss)``, a scalar or an [N, D] tensor."""
+    if isinstance(out, tuple):
+        torch.autograd.backward([out[0], out[2]], [grad, None])
+    else:
+        out.backward(None if out.dim() == 0 else grad)
+
+
+def timed_callable(make, x: Inputs, backward: bool) -> Callable[[], Any]:
+    """What is timed: the forward (+ backward), then a device sync; returns the forward's output.
+    Raises :class:`Unavailable` when the provider cannot run here."""
+    forward = make(x)
+    leaves = [t for t in (x.z, x.codebook, x.other) if t.requires_grad]
+
+    def run():
+        for t in leaves:
+            t.grad = None
+        with torch.set_grad_enabled(backward):
+            out = forward()
+            if backward:
+                _backward(out, x.grad)
+        sync()
+        return out
+
+    return run
+
+
+# --- measuring ----------------------------------------------------------------------------------
+
+
+def sync() -> None:
+    """Waits for the GPU when CUDA is in use (never initialises it)."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def time_ms(fn: Callable[[], Any], warmup: int = 3, reps: int = 20) -> float:
+    """Median wall time of ``fn()`` in ms, the device synchronised before and after each call."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def peak_mib(fn: Callable[[], Any]) -> float | None:
+    """Peak CUDA memory during ``fn()`` above what was allocated before, in MiB; None off CUDA."""
+    if not torch.cuda.is_initialized():
+        fn()
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def reference_indices(z: torch.Tensor, codebook: torch.Tensor, chunk_elems: int = 1 << 24) -> torch.Tensor:
+    """float64 argmin of the squared distances (first index on ties), in row chunks of at most
+    ``chunk_elems`` distances; both sides centred on the codebook mean so the addmm form stays accurate."""
+    c = codebook.detach().to(torch.float64)
+    mean = c.mean(0)
+    c = c - mean
+    c_sq = c.square().sum(1)
+    rows = z.detach().reshape(-1, c.shape[1])
+    step = max(1, chunk_elems // c.shape[0])
+    parts = [
+        torch.addmm(c_sq, rows[s : s + step].to(torch.float64) - mean, c.T, alpha=-2.0).argmin(1)
+        for s in range(0, rows.shape[0], step)
+    ]
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64, device=z.device)
+
+
+def mismatch_rate(indices: torch.Tensor, z: torch.Tensor, codebook: torch.Tensor, chunk_elems: int = 1 << 24) -> float:
+    """Fraction of vectors whose index differs from the float64 argmin (0.0 for no vectors)."""
+    ref = reference_indices(z, codebook, chunk_elems)
+    if ref.numel() == 0:
+        return 0.0
+    return (indices.reshape(-1).to(ref.device) != ref).double().mean().item()
+
+
+# --- the comparison report ----------------------------------------------------------------------
+
+
+def _measure(op: str, name: str, x: Inputs, warmup: int, reps: int) -> dict:
+    row = {"op": op, "provider": name, "median_ms": None, "peak_mib": None, "mismatch": None, "skipped": None}
+    try:
+        run = timed_callable(PROVIDERS[op][name], x, backward=op != "assign")
+        row["peak_mib"] = peak_mib(run)  # the first call: compiles, warms up
+    except (Unavailable, torch.OutOfMemoryError) as e:
+        row["skipped"] = f"{type(e).__name__}: {e}"
+        return row
+    row["median_ms"] = time_ms(run, warmup, reps)
+    out = run()
+    if op == "assign" and isinstance(out, torch.Tensor) and out.dtype == torch.int64:
+        row["mismatch"] = mismatch_rate(out, x.z, x.codebook)
+    return row
+
+
+def _add_ratios(rows: list[dict]) -> None:
+    """ratio = provider median / vqtriton median at the same op and shape (> 1: vqtriton is faster)."""
+    ref = {(r["op"], tuple(r["shape"])): r["median_ms"] for r in rows if r["provider"] == "vqtriton"}
+    for r in rows:
+        base = ref.get((r["op"], tuple(r["shape"])))
+        r["ratio"] = r["median_ms"] / base if r["median_ms"] is not None and base else None
+
+
+def _meta(device: torch.device, warmup: int, reps: int) -> dict:
+    import triton
+
+    cuda = device.type == "cuda"
+    note = "GPU run." if cuda else (
+        "CPU run (vqtriton on its torch backend, tiny shapes): checks the machinery only, "
+        "GPU numbers need a GPU; TF32 flags do nothing on the CPU."
+    )
+    name = torch.cuda.get_device_name(device) if cuda else f"cpu ({platform.machine()})"
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    versions = dict(torch=torch.__version__, triton=triton.__version__)
+    return dict(device=name, **versions, date=date, warmup=warmup, reps=reps, note=note)
+
+
+def _table(title: str, rows: list[dict], cell: Callable[[dict], str]) -> str:
+    names = list(dict.fromkeys(r["provider"] for r in rows))
+    shapes = list(dict.fromkeys(shape_id(r["shape"]) for r in rows))
+    by_key = {(shape_id(r["shape"]), r["provider"]): r for r in rows}
+    grid = [["shape", *names]] + [[s, *(cell(by_key[s, n]) for n in names)] for s in shapes]
+    widths = [max(len(line[i]) for line in grid) for i in range(len(grid[0]))]
+    lines = [[line[0].ljust(widths[0])] + [v.rjust(w) for v, w in zip(line[1:], widths[1:])] for line in grid]
+    return "\n".join([title, *("  ".join(line) for line in lines)])
+
+
+def _time_cell(r: dict) -> str:
+    if r["median_ms"] is None:
+        return "skip"
+    return f"{r['median_ms']:.3f}" + ("" if r["ratio"] is None else f" ({r['ratio']:.2f}x)")
+
+
+def _number_cell(key: str, fmt: str) -> Callable[[dict], str]:
+    return lambda r: "-" if r[key] is None else format(r[key], fmt)
+
+
+# The report's other tables: (row key, title, number format).
+_EXTRA_TABLES = (
+    ("peak_mib", "peak MiB above the inputs", ".0f"),
+    ("mismatch", "index mismatch rate vs float64 argmin", ".2e"),
+)
+
+
+def format_report(report: dict) -> str:
+    """The report as aligned text: per op, median ms with ratios, then peak memory and mismatch rates."""
+    meta, out = report["meta"], []
+    out.append(f"vqtriton bench: {meta['device']}, torch {meta['torch']}, triton {meta['triton']}, {meta['date']}")
+    out.append(meta["note"])
+    for op in dict.fromkeys(r["op"] for r in report["rows"]):
+        rows = [r for r in report["rows"] if r["op"] == op]
+        mode = "forward" if op == "assign" else "forward + backward"
+        out.append(_table(f"\n{op} ({mode}): median ms (ratio to vqtriton; > 1: vqtriton is faster)", rows, _time_cell))
+        for key, title, fmt in _EXTRA_TABLES:
+            if any(r[key] is not None for r in rows):
+                out.append(_table(f"\n{op}: {title}", rows, _number_cell(key, fmt)))
+    out.append("")
+    for r in (r for r in report["rows"] if r["skipped"]):
+        out.append(f"skipped {r['op']}/{r['provider']} {shape_id(r['shape'])}: {r['skipped']}")
+    return "\n".join(out)
+
+
+def _plot(report: dict, path: Path) -> None:
+    """Grouped bars of the median ms per shape and provider, one log-scale panel per op."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend state; saves through Agg
+
+    ops = list(dict.fromkeys(r["op"] for r in report["rows"]))
+    fig = Figure(figsize=(12, 3.6 * len(ops)), layout="constrained")
+    for ax, op in zip(fig.subplots(len(ops), 1, squeeze=False)[:, 0], ops):
+        rows = [r for r in report["rows"] if r["op"] == op]
+        names = list(dict.fromkeys(r["provider"] for r in rows))
+        shapes = list(dict.fromkeys(shape_id(r["shape"]) for r in rows))
+        width = 0.8 / len(names)
+        for j, name in enumerate(names):
+            ms = {shape_id(r["shape"]): r["median_ms"] for r in rows if r["provider"] == name}
+            xs = [i + (j - (len(names) - 1) / 2) * width for i, s in enumerate(shapes) if ms.get(s)]
+            ax.bar(xs, [ms[s] for s in shapes if ms.get(s)], width, label=name)
+        ax.set_xticks(range(len(shapes)), shapes)
+        ax.set_yscale("log")
+        ax.set_ylabel("median ms (log)")
+        ax.set_title(f"{op} — {report['meta']['device']}")
+        ax.legend(fontsize="small", ncols=min(len(names), 4))
+    fig.savefig(path, dpi=100)
+
+
+def run_report(device, shapes=None, out_dir=".", providers=None, *, warmup=None, reps=None) -> dict:
+    """Times every provider of :data:`REPORT_OPS` at every shape in one run, prints the tables, writes
+    ``report.json`` and ``report.png`` into ``out_dir`` and returns the report:
+    ``{"meta": {...}, "rows": [{op, provider, shape, median_ms, ratio, peak_mib, mismatch, skipped}]}``.
+    ``providers`` (default: all) picks providers by name (``"vqtriton"``) or op and name (``"assign/cdist"``).
+    """
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    shapes = [tuple(s) for s in (shapes or default_shapes(device))]
+    warmup = warmup if warmup is not None else (3 if cuda else 2)
+    reps = reps if reps is not None else (20 if cuda else 5)
+    rows = []
+    for op in REPORT_OPS:
+        for shape in shapes:
+            x = make_inputs(shape, device, requires_grad=op != "assign")
+            names = [n for n in PROVIDERS[op] if providers is None or n in providers or f"{op}/{n}" in providers]
+            for name in names:
+                rows.append({**_measure(op, name, x, warmup, reps), "shape": list(shape)})
+                if cuda:  # hand the memory back before the next provider
+                    gc.collect()
+                    torch.cuda.empty_cache()
+    _add_ratios(rows)
+    report = {"meta": _meta(device, warmup, reps), "rows": rows}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    _plot(report, out / "report.png")
+    print(format_report(report))
+    return report
