@@ -174,6 +174,12 @@ def _layer(module, x: Inputs, batched: bool = False):
 PROVIDERS: dict[str, dict[str, Callable[[Inputs], Callable[[], Any]]]] = {
     "assign": {
         "vqtriton": lambda x: functools.partial(vqt.assign, x.z, x.codebook, backend=_backend(x)),
+        # The opt-in tensor-core modes, and exact assignment of bf16 inputs (cast outside the call).
+        "vqtriton-tf32": lambda x: functools.partial(vqt.assign, x.z, x.codebook, precision="tf32", backend=_backend(x)),
+        "vqtriton-bf16": lambda x: functools.partial(vqt.assign, x.z, x.codebook, precision="bf16", backend=_backend(x)),
+        "vqtriton-bf16-inputs": lambda x: functools.partial(
+            vqt.assign, x.z.detach().bfloat16(), x.codebook.detach().bfloat16(), backend=_backend(x)
+        ),
         "eager-fp32": lambda x: _with_tf32(False, eager_assign, x.z, x.codebook),
         "eager-tf32": lambda x: _with_tf32(True, eager_assign, x.z, x.codebook),
         "compile-tf32": lambda x: _with_tf32(True, _compiled(eager_assign), x.z, x.codebook),

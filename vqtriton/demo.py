@@ -159,10 +159,10 @@ def train(cfg: DemoConfig) -> dict:
         if step % 10 == 0 or step == cfg.steps - 1:
             history["step"].append(step)
             history["reconstruction"].append(recon.item())
-            history["codebook"].append(float(info.codebook_loss))
-            history["commitment"].append(float(info.commitment_loss))
-            history["perplexity"].append(float(info.perplexity))
-            bar.set_postfix(loss=f"{recon.item():.4f}", usage=f"{float(info.usage):.2f}")
+            history["codebook"].append(info.codebook_loss.item())
+            history["commitment"].append(info.commitment_loss.item())
+            history["perplexity"].append(info.perplexity.item())
+            bar.set_postfix(loss=f"{recon.item():.4f}", usage=f"{info.usage.item():.2f}")
         if (step + 1) % SAVE_EVERY == 0 or step == cfg.steps - 1:
             state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "history": history, "step": step + 1}
             save_atomic(state, ckpt_path)
