@@ -10,6 +10,15 @@ halves of a split launch:
   finite distance.
 - finish: turns the best key into ``idx`` / ``dist``, applies the NaN/Inf policy, and writes z_q.
 
+Exact mode has two searches. The plain one is the direct form sum_j (z_j - c_j)^2 on CUDA cores
+(``_search_exact``). The certified one (``_search_certify``, used when the code axis is not split)
+runs the expanded form on tensor cores with split-bf16 dots (z = z_hi + z_lo, three bf16 products:
+about fp32 accuracy), carries a rigorous bound B on each approximate distance, and keeps per row
+the best code's upper bound and every other code's lowest lower bound. When the best code's upper
+bound is below all others' lower bounds, the best code is the true nearest one (strictly: exact
+ties never certify) and the row is finished on the spot; the few rows the bound cannot separate are
+appended to a list, and a second launch runs the plain direct-form search on just those rows.
+
 When the code axis is split across programs (small N, large K), each search program writes its
 row minima to a ``[split, N]`` key buffer and a second, finish-only launch of the same kernel
 takes the minimum over ``split``. A partial buffer rather than a 64-bit ``atomic_min``: it needs
@@ -30,6 +39,8 @@ __all__ = ["assign_fwd", "PRECISIONS"]
 
 PRECISIONS = ("exact", "tf32", "bf16")
 _MODES = {"exact": 0, "tf32": 1, "bf16": 2}
+# Internal mode of the certified exact search (split-bf16 dots + bound), see _search_certify.
+_CERTIFY = 3
 
 # Float bits of +Inf and of the canonical quiet NaN: NaN > Inf > every finite distance as int32.
 INF_BITS = tl.constexpr(0x7F800000)
@@ -150,6 +161,83 @@ def _search_dot(z_ptr, mean_ptr, cs_ptr, csq_ptr, o_n, m_n, k_lo, k_hi, D, strid
 
 
 @triton.jit
+def _split_bf16(b_x, EMULATE_BF16: tl.constexpr):
+    """``(hi, lo)``: bf16 parts of an fp32 block with ``x = hi + lo + r``, ``|r| <= 2^-16 |x|``.
+
+    ``x - hi`` is exact in fp32 (``hi`` is ``x`` rounded to 8 significant bits). Under the
+    interpreter both parts stay fp32 (holding bf16 values: see ``_round_bf16``).
+    """
+    if EMULATE_BF16:
+        b_hi = _round_bf16(b_x)
+        return b_hi, _round_bf16(b_x - b_hi)
+    b_hi = b_x.to(tl.bfloat16)
+    return b_hi, (b_x - b_hi.to(tl.float32)).to(tl.bfloat16)
+
+
+@triton.jit
+def _search_certify(z_ptr, mean_ptr, ch_ptr, cl_ptr, csq_ptr, cn_ptr, o_n, m_n, K, D, stride_z, stride_cs,
+                    bound_c, EMULATE_BF16: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                    BD: tl.constexpr):
+    """Best key per row by the split-bf16 expanded form, and whether the bound certifies it.
+
+    With x = z - m and y = c - m centred on the codebook mean, a = |x|^2 + |y|^2 - 2 x.y with
+    x.y ~ x_hi.y_hi + x_hi.y_lo + x_lo.y_hi (bf16 products are exact in fp32, the dropped terms are
+    <= 3.1 2^-16 |x_i||y_i|). Each a is within B = C (|x| + |y|)^2 of the exact direct-form distance
+    of the inputs, C = 3.5 2^-16 + 3.5 D 2^-23 (the launcher's ``bound_c``), which covers the
+    dropped products, fp32 accumulation of the 3D products and of both norms (with room for
+    truncating accumulators), the centring and the final additions. The row is certified when the
+    best code's a + B is below a - B of every other code.
+    """
+    b_zsq = tl.zeros([BN], dtype=tl.float32)
+    for d0 in range(0, D, BD):
+        o_d = d0 + tl.arange(0, BD)
+        b_z = _load_centred(z_ptr, mean_ptr, o_n, m_n, o_d, o_d < D, stride_z)  # [BN, BD]
+        b_zsq += tl.sum(b_z * b_z, axis=1)
+    b_zn = tl.sqrt(b_zsq)  # [BN]
+    b_best = tl.full([BN], KEY_MAX, tl.int64)
+    b_up = tl.full([BN], float("inf"), tl.float32)  # upper bound of the best code's distance
+    b_lo_best = tl.full([BN], float("inf"), tl.float32)  # its lower bound
+    b_lo_rest = tl.full([BN], float("inf"), tl.float32)  # lowest lower bound of every other code
+    for k0 in range(0, K, BK):
+        o_k = k0 + tl.arange(0, BK)
+        m_k = o_k < K
+        b_dot = tl.zeros([BN, BK], dtype=tl.float32)
+        for d0 in range(0, D, BD):
+            o_d = d0 + tl.arange(0, BD)
+            m_d = o_d < D
+            b_zh, b_zl = _split_bf16(_load_centred(z_ptr, mean_ptr, o_n, m_n, o_d, m_d, stride_z), EMULATE_BF16)
+            m_c = m_d[:, None] & m_k[None, :]
+            o_c = o_k[None, :] * stride_cs + o_d[:, None]
+            b_ch = tl.load(ch_ptr + o_c, mask=m_c, other=0.0)  # [BD, BK]
+            b_cl = tl.load(cl_ptr + o_c, mask=m_c, other=0.0)  # [BD, BK]
+            b_dot = tl.dot(b_zh, b_ch, b_dot, input_precision="ieee")
+            b_dot = tl.dot(b_zh, b_cl, b_dot, input_precision="ieee")
+            b_dot = tl.dot(b_zl, b_ch, b_dot, input_precision="ieee")
+        b_csq = tl.load(csq_ptr + o_k, mask=m_k, other=0.0)  # [BK]
+        b_cn = tl.load(cn_ptr + o_k, mask=m_k, other=0.0)  # [BK]
+        b_d = b_zsq[:, None] + b_csq[None, :] - 2.0 * b_dot  # [BN, BK]
+        b_r = b_zn[:, None] + b_cn[None, :]
+        b_bound = bound_c * b_r * b_r  # [BN, BK]
+        b_key = _keys(b_d, o_k, m_k)  # [BN, BK]
+        t_key = tl.min(b_key, axis=1)  # [BN]
+        m_best = b_key == t_key[:, None]  # [BN, BK] one code per row: the tile's best
+        # Lower bounds of NaN distances (NaN codes) and of padding codes rule nothing out.
+        b_low = b_d - b_bound
+        b_low = tl.where(m_k[None, :] & (b_low == b_low), b_low, float("inf"))
+        t_up = tl.min(tl.where(m_best, b_d + b_bound, float("inf")), axis=1)
+        t_lo_best = tl.min(tl.where(m_best, b_low, float("inf")), axis=1)
+        t_lo_rest = tl.min(tl.where(m_best, float("inf"), b_low), axis=1)
+        m_take = t_key < b_best
+        b_lo_rest = tl.where(m_take, tl.minimum(b_lo_rest, b_lo_best), tl.minimum(b_lo_rest, t_lo_best))
+        b_lo_rest = tl.minimum(b_lo_rest, t_lo_rest)
+        b_up = tl.where(m_take, t_up, b_up)
+        b_lo_best = tl.where(m_take, t_lo_best, b_lo_best)
+        b_best = tl.minimum(b_best, t_key)
+    # NaN rows, overflow and all-NaN codebooks fail the test (NaN compares false; inf < inf is false).
+    return b_best, b_up < b_lo_rest
+
+
+@triton.jit
 def _finish(b_best, z_ptr, c_ptr, idx_ptr, dist_ptr, zq_ptr, o_n, m_n, D, stride_z, stride_c, stride_zq,
             EXACT: tl.constexpr, RETURN_ZQ: tl.constexpr, GROUP: tl.constexpr,
             BN: tl.constexpr, BD: tl.constexpr):
@@ -195,41 +283,56 @@ def _finish(b_best, z_ptr, c_ptr, idx_ptr, dist_ptr, zq_ptr, o_n, m_n, D, stride
 
 
 @triton.jit
-def _assign_kernel(z_ptr, c_ptr, mean_ptr, cs_ptr, csq_ptr, key_ptr, idx_ptr, dist_ptr, zq_ptr,
-                   N, K, D, stride_z, stride_c, stride_cs, stride_zq, split, n_bucket,
+def _assign_kernel(z_ptr, c_ptr, mean_ptr, cs_ptr, cl_ptr, csq_ptr, cn_ptr, key_ptr, idx_ptr, dist_ptr,
+                   zq_ptr, rows_ptr, count_ptr, N, K, D, stride_z, stride_c, stride_cs, stride_zq, split,
+                   n_bucket, bound_c,
                    MODE: tl.constexpr, EMULATE_BF16: tl.constexpr, SEARCH: tl.constexpr,
-                   FINISH: tl.constexpr, RETURN_ZQ: tl.constexpr, GROUP: tl.constexpr,
-                   BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr):
+                   FINISH: tl.constexpr, RETURN_ZQ: tl.constexpr, ROWS: tl.constexpr,
+                   GROUP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr):
     # n_bucket is only an autotune key (N rounded up to a power of two).
     i_n = tl.program_id(0).to(tl.int64)
     i_s = tl.program_id(1).to(tl.int64)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
-    if SEARCH:
-        # Program i_s of `split` scans a contiguous run of code tiles.
-        n_per = tl.cdiv(tl.cdiv(K, BK), split)
-        k_lo = i_s * n_per * BK
-        k_hi = tl.minimum(k_lo + n_per * BK, K)
-        if MODE == 0:
-            b_best = _search_exact(z_ptr, c_ptr, o_n, m_n, k_lo, k_hi, D, stride_z, stride_c,
-                                   GROUP, BN, BK, BD)
-        else:
-            b_best = _search_dot(z_ptr, mean_ptr, cs_ptr, csq_ptr, o_n, m_n, k_lo, k_hi, D,
-                                 stride_z, stride_cs, MODE, EMULATE_BF16, BN, BK, BD)
-        if not FINISH:
-            tl.store(key_ptr + i_s * N + o_n, b_best, mask=m_n)
+    if ROWS:
+        # Only the rows listed by the certified search: rows_ptr[:count] (programs past it idle).
+        m_n = o_n < tl.load(count_ptr)
+        o_n = tl.load(rows_ptr + o_n, mask=m_n, other=0)
+    if MODE == 3:
+        b_best, b_cert = _search_certify(z_ptr, mean_ptr, cs_ptr, cl_ptr, csq_ptr, cn_ptr, o_n, m_n, K, D,
+                                         stride_z, stride_cs, bound_c, EMULATE_BF16, BN, BK, BD)
+        # Rows the bound cannot separate go to the plain direct-form search (second launch).
+        m_retry = m_n & ~b_cert
+        b_slot = tl.atomic_add(count_ptr + tl.zeros([BN], dtype=tl.int32), 1, mask=m_retry)
+        tl.store(rows_ptr + b_slot, o_n, mask=m_retry)
+        _finish(b_best, z_ptr, c_ptr, idx_ptr, dist_ptr, zq_ptr, o_n, m_n & b_cert, D, stride_z, stride_c,
+                stride_zq, False, RETURN_ZQ, GROUP, BN, BD)
     else:
-        b_best = tl.full([BN], KEY_MAX, tl.int64)
-        p_key = key_ptr + o_n
-        for _ in range(0, split):
-            b_best = tl.minimum(b_best, tl.load(p_key, mask=m_n, other=KEY_MAX))
-            p_key += N
-    if FINISH:
-        _finish(b_best, z_ptr, c_ptr, idx_ptr, dist_ptr, zq_ptr, o_n, m_n, D, stride_z, stride_c,
-                stride_zq, MODE == 0, RETURN_ZQ, GROUP, BN, BD)
+        if SEARCH:
+            # Program i_s of `split` scans a contiguous run of code tiles.
+            n_per = tl.cdiv(tl.cdiv(K, BK), split)
+            k_lo = i_s * n_per * BK
+            k_hi = tl.minimum(k_lo + n_per * BK, K)
+            if MODE == 0:
+                b_best = _search_exact(z_ptr, c_ptr, o_n, m_n, k_lo, k_hi, D, stride_z, stride_c,
+                                       GROUP, BN, BK, BD)
+            else:
+                b_best = _search_dot(z_ptr, mean_ptr, cs_ptr, csq_ptr, o_n, m_n, k_lo, k_hi, D,
+                                     stride_z, stride_cs, MODE, EMULATE_BF16, BN, BK, BD)
+            if not FINISH:
+                tl.store(key_ptr + i_s * N + o_n, b_best, mask=m_n)
+        else:
+            b_best = tl.full([BN], KEY_MAX, tl.int64)
+            p_key = key_ptr + o_n
+            for _ in range(0, split):
+                b_best = tl.minimum(b_best, tl.load(p_key, mask=m_n, other=KEY_MAX))
+                p_key += N
+        if FINISH:
+            _finish(b_best, z_ptr, c_ptr, idx_ptr, dist_ptr, zq_ptr, o_n, m_n, D, stride_z, stride_c,
+                    stride_zq, MODE == 0, RETURN_ZQ, GROUP, BN, BD)
 
 
-_KEY = ["n_bucket", "K", "D", "split", "MODE", "SEARCH", "FINISH", "RETURN_ZQ"]
+_KEY = ["n_bucket", "K", "D", "split", "MODE", "SEARCH", "FINISH", "RETURN_ZQ", "ROWS"]
 
 
 # Exact mode: BN x BK x BD broadcast tiles of FMA work, no tensor cores (BD <= 64: see the bound
@@ -263,6 +366,24 @@ _assign_dot = triton.autotune(
         triton.Config({"BN": 128, "BK": 64, "BD": 64}),
     ),
     key=_KEY,
+)(_assign_kernel)
+
+
+# Certified exact search: the dot tiles of the tensor-core modes. Every timing run appends its
+# uncertified rows again, so the autotuner zeroes the row count before each run.
+_assign_certify = triton.autotune(
+    configs=tune_configs(
+        [
+            triton.Config({"BN": 64, "BK": 64, "BD": 32}, num_warps=4, num_stages=3),
+            triton.Config({"BN": 128, "BK": 64, "BD": 32}, num_warps=8, num_stages=3),
+            triton.Config({"BN": 64, "BK": 128, "BD": 32}, num_warps=8, num_stages=3),
+            triton.Config({"BN": 128, "BK": 128, "BD": 32}, num_warps=8, num_stages=3),
+            triton.Config({"BN": 64, "BK": 64, "BD": 64}, num_warps=4, num_stages=3),
+        ],
+        triton.Config({"BN": 128, "BK": 64, "BD": 64}),
+    ),
+    key=_KEY,
+    reset_to_zero=["count_ptr"],
 )(_assign_kernel)
 
 
@@ -319,8 +440,10 @@ def assign_fwd(z: torch.Tensor, codebook: torch.Tensor, *, precision: str = "exa
       accumulated in fp32, whatever ``precision``.
     - ``z_q``: ``codebook[idx]`` bit for bit when ``return_zq``, written by the same launch that
       finishes the rows (the search launch itself when ``split == 1``, else the finish launch).
-    - ``precision="exact"``: direct-form search; the chosen code is within ``(1 + 2^-16)`` of the
-      float64 minimum (DESIGN.md section 4). ``"tf32"`` / ``"bf16"``: expanded-form search on vectors
+    - ``precision="exact"``: the chosen code is within ``(1 + 2^-16)`` of the float64 minimum
+      (DESIGN.md section 4). Without a split, the certified split-bf16 search finishes the rows its
+      bound separates and the direct-form search the rest (``_assign_certified``); with a split,
+      the direct-form search does all rows. ``"tf32"`` / ``"bf16"``: expanded-form search on vectors
       centred on the codebook mean with the dot on tensor cores; each approximate distance is within
       ``2 (2u + u^2) |z - m| |c - m|`` (+ fp32 round-off) of the true one, u = 2^-10 (tf32, truncating)
       or 2^-8 (bf16), so the chosen code is within twice that of the minimum.
@@ -349,17 +472,20 @@ def assign_fwd(z: torch.Tensor, codebook: torch.Tensor, *, precision: str = "exa
         return idx, dist, z_q
 
     mode = _MODES[precision]
+    split = _auto_split(n, k, z.device) if split is None else split
+    if mode == 0 and split == 1 and _CERTIFIED_SEARCH:
+        _assign_certified(z, codebook, idx, dist, z_q)
+        return idx, dist, z_q
     if mode == 0:
         mean, cs, csq = dist, codebook, dist  # unused by the exact search
     else:
         mean, cs, csq = _centred_codebook(codebook)
-    split = _auto_split(n, k, z.device) if split is None else split
     zq_arg = z_q if return_zq else dist
     keys = torch.empty(split, n, dtype=torch.int64, device=z.device) if split > 1 else idx
-    args = (z, codebook, mean, cs, csq, keys, idx, dist, zq_arg,
+    args = (z, codebook, mean, cs, cs, csq, csq, keys, idx, dist, zq_arg, idx, idx,
             n, k, d, z.stride(0), codebook.stride(0), cs.stride(0), d, split,
-            triton.next_power_of_2(n))
-    flags = dict(MODE=mode, EMULATE_BF16=interpreting(), RETURN_ZQ=return_zq, GROUP=_GROUP)
+            triton.next_power_of_2(n), 0.0)
+    flags = dict(MODE=mode, EMULATE_BF16=interpreting(), RETURN_ZQ=return_zq, ROWS=False, GROUP=_GROUP)
     launch = _assign_exact if mode == 0 else _assign_dot
 
     def grid(meta):
@@ -372,3 +498,47 @@ def assign_fwd(z: torch.Tensor, codebook: torch.Tensor, *, precision: str = "exa
         _assign_kernel[(triton.cdiv(n, _FINISH_BN), 1)](
             *args, SEARCH=False, FINISH=True, BN=_FINISH_BN, BK=16, BD=_FINISH_BD, **flags)
     return idx, dist, z_q
+
+
+def _certify_bound(d: int) -> float:
+    """C of the certified search's bound B = C (|z - m| + |c - m|)^2 (see _search_certify)."""
+    return 3.5 * 2.0**-16 + 3.5 * d * 2.0**-23
+
+
+def _assign_certified(z, codebook, idx, dist, z_q) -> torch.Tensor:
+    """Exact assignment in two launches: the certified split-bf16 search finishes every row its
+    bound separates and lists the others, then the direct-form search finishes the listed rows.
+
+    Writes ``idx``, ``dist`` and ``z_q`` (when not None); returns the number of listed rows (int32
+    ``[1]`` on the device, for tests and tuning)."""
+    n, d = z.shape
+    k = codebook.shape[0]
+    mean, cs, csq = _centred_codebook(codebook)
+    # The codes' bf16 parts, made once per call. The interpreter keeps them in fp32 (it mis-converts
+    # bf16 subnormals on load); a GPU reads half the bytes.
+    hi = cs.to(torch.bfloat16)
+    lo = (cs - hi.float()).to(torch.bfloat16)
+    if interpreting():
+        hi, lo = hi.float(), lo.float()
+    cn = csq.sqrt()
+    rows = torch.empty(n, dtype=torch.int64, device=z.device)
+    count = torch.zeros(1, dtype=torch.int32, device=z.device)
+    return_zq = z_q is not None
+    zq_arg = z_q if return_zq else dist
+    common = (z, codebook, mean, hi, lo, csq, cn, idx, idx, dist, zq_arg, rows, count,
+              n, k, d, z.stride(0), codebook.stride(0), hi.stride(0), d, 1,
+              triton.next_power_of_2(n), _certify_bound(d))
+    flags = dict(EMULATE_BF16=interpreting(), SEARCH=True, FINISH=True, RETURN_ZQ=return_zq, GROUP=_GROUP)
+
+    def grid(meta):
+        return (triton.cdiv(n, meta["BN"]), 1)
+
+    _assign_certify[grid](*common, MODE=_CERTIFY, ROWS=False, **flags)
+    # Sized for every row; programs past the listed count return at once (no host sync).
+    _assign_exact[grid](*common, MODE=0, ROWS=True, **flags)
+    return count
+
+
+# The certified search serves exact mode whenever the code axis is not split (tests switch it off
+# to compare with the plain direct-form search).
+_CERTIFIED_SEARCH = True

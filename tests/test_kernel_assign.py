@@ -401,6 +401,73 @@ def test_small_blocks(device, monkeypatch, precision):
             np.testing.assert_allclose(f64(dist), got, rtol=1e-5)
 
 
+# --- the certified exact search -------------------------------------------------------------------
+
+
+def certified(z, c, return_zq=False):
+    """Run the two-launch certified exact search; also return how many rows it had to list."""
+    n, d = z.shape
+    idx = torch.empty(n, dtype=torch.int64, device=z.device)
+    dist = torch.empty(n, dtype=torch.float32, device=z.device)
+    zq = torch.empty(n, d, dtype=c.dtype, device=z.device) if return_zq else None
+    count = A._assign_certified(z, c, idx, dist, zq)
+    return idx, dist, zq, int(count)
+
+
+@pytest.mark.parametrize("kind", ["normal", "offset", "ties"])
+def test_certified_search_equals_the_direct_search(device, monkeypatch, kind):
+    """Both exact searches give the same codes; the bound certifies most rows, never a tie."""
+    n, k, d = 500, 97, 37
+    z = torch.randn(n, d, device=device)
+    c = torch.randn(k, d, device=device)
+    if kind == "offset":
+        z, c = z + 100, c + 100
+    if kind == "ties":
+        c[60:90] = c[:30]  # duplicates: rows nearest to one of them are exact ties
+        z[:200] = c[torch.randint(0, 30, (200,), device=device)] + 1e-3 * torch.randn(200, d, device=device)
+    idx, dist, zq, listed = certified(z, c, return_zq=True)
+    monkeypatch.setattr(A, "_CERTIFIED_SEARCH", False)
+    idx2, dist2, _ = assign_fwd(z, c)
+    bad = torch.nonzero(idx != idx2)[:, 0].cpu()
+    assert bad.numel() == 0, f"certified vs direct search differ at rows {bad[:5].tolist()}"
+    np.testing.assert_allclose(f64(dist), f64(dist2), rtol=2e-6)
+    assert torch.equal(zq, c[idx])
+    check_exact(z, c, idx, dist)
+    if kind == "ties":
+        # A row whose two nearest codes are exact duplicates can never be certified.
+        assert listed >= 200, f"only {listed} rows listed for the direct search"
+    else:
+        assert 0 <= listed < n // 10, f"{listed} of {n} rows were not certified: the bound is too loose"
+
+
+def test_certified_search_lists_exactly_the_hard_rows(device):
+    """Rows planted on exact ties are listed and finished by the direct search (lowest index);
+    clear rows are finished by the certified search."""
+    k, d = 40, 12
+    c = torch.randn(k, d, device=device)
+    c[39] = c[3]
+    z = torch.randn(64, d, device=device) * 3
+    z[:8] = c[3]  # equidistant (0) from codes 3 and 39
+    z[8:16] = (c[5] + c[6]) / 2  # midpoints: ties up to rounding
+    idx, dist, _, listed = certified(z, c)
+    assert 16 <= listed < 40, listed
+    assert idx[:8].tolist() == [3] * 8 and dist[:8].abs().max().item() == 0.0
+    check_exact(z, c, idx, dist, same_index=False)
+
+
+def test_certified_bound_is_rigorous_where_fp32_barely_separates(device):
+    """Near-ties at every scale of the gap: whatever the bound certifies must be the true nearest code."""
+    k, d, n = 50, 20, 600
+    c = torch.randn(k, d, device=device, dtype=torch.float64)
+    a, b = torch.randint(0, k, (2, n), device=device)
+    gap = torch.logspace(-1, -9, n, device=device, dtype=torch.float64)[:, None]
+    z = ((c[a] + c[b]) / 2 + gap * (c[b] - c[a])).float()
+    c = c.float()
+    idx, dist, _, listed = certified(z, c)
+    check_exact(z, c, idx, dist, same_index=False)
+    assert listed < n, "nothing was certified"
+
+
 def test_bad_arguments(device):
     z, c = torch.randn(3, 4, device=device), torch.randn(5, 4, device=device)
     with pytest.raises(ValueError, match="precision"):
@@ -455,3 +522,19 @@ def test_gpu_int64_offsets():
     t_idx, t_dist, _ = torch_ops.assign_fwd(z[tail], c)
     assert torch.equal(idx[tail], t_idx)
     torch.testing.assert_close(dist[tail], t_dist, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(32768, 1024, 256), (65536, 1024, 128), (65536, 16384, 8), (262144, 4096, 64)],
+                         ids=shape_id)
+def test_gpu_certified_search_on_tensor_cores(shape):
+    """Real split-bf16 tensor-core dots keep the bound (answers exact) and leave few rows to the
+    direct search (0.5-3 % of N(0, 1) rows under the interpreter's emulation of the same arithmetic)."""
+    n, k, d = shape
+    z = torch.randn(n, d, device="cuda")
+    c = torch.randn(k, d, device="cuda")
+    idx, dist, _, listed = certified(z, c)
+    assert listed < n // 10, f"{listed} of {n} rows were not certified"
+    rows = torch.randperm(n, device="cuda")[:1024]
+    check_exact(z[rows], c, idx[rows], dist[rows])
+
