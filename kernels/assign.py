@@ -352,38 +352,24 @@ _assign_exact = triton.autotune(
     key=_KEY,
 )(_assign_kernel)
 
-# tf32 / bf16 modes: tensor-core tiles (every block dim >= 16 for tl.dot).
-_assign_dot = triton.autotune(
-    configs=tune_configs(
-        [
-            triton.Config({"BN": 64, "BK": 64, "BD": 32}, num_warps=4, num_stages=3),
-            triton.Config({"BN": 128, "BK": 64, "BD": 32}, num_warps=4, num_stages=3),
-            triton.Config({"BN": 64, "BK": 128, "BD": 32}, num_warps=4, num_stages=3),
-            triton.Config({"BN": 128, "BK": 128, "BD": 32}, num_warps=8, num_stages=3),
-            triton.Config({"BN": 32, "BK": 64, "BD": 64}, num_warps=4, num_stages=3),
-            triton.Config({"BN": 16, "BK": 128, "BD": 64}, num_warps=4, num_stages=3),
-        ],
-        triton.Config({"BN": 128, "BK": 64, "BD": 64}),
-    ),
-    key=_KEY,
-)(_assign_kernel)
+# Tensor-core tiles (every block dim >= 16 for tl.dot), for the tf32 / bf16 modes and the
+# certified exact search.
+_DOT_CONFIGS = [
+    triton.Config({"BN": 64, "BK": 64, "BD": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BN": 128, "BK": 64, "BD": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BN": 64, "BK": 128, "BD": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BN": 128, "BK": 128, "BD": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BN": 32, "BK": 64, "BD": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BN": 16, "BK": 128, "BD": 64}, num_warps=4, num_stages=3),
+]
+_DOT_INTERPRETER = triton.Config({"BN": 128, "BK": 64, "BD": 64})
 
+_assign_dot = triton.autotune(configs=tune_configs(_DOT_CONFIGS, _DOT_INTERPRETER), key=_KEY)(_assign_kernel)
 
-# Certified exact search: the dot tiles of the tensor-core modes. Every timing run appends its
-# uncertified rows again, so the autotuner zeroes the row count before each run.
+# Every timing run of the certified search lists its uncertified rows again: the autotuner zeroes
+# the row count before each run.
 _assign_certify = triton.autotune(
-    configs=tune_configs(
-        [
-            triton.Config({"BN": 64, "BK": 64, "BD": 32}, num_warps=4, num_stages=3),
-            triton.Config({"BN": 128, "BK": 64, "BD": 32}, num_warps=8, num_stages=3),
-            triton.Config({"BN": 64, "BK": 128, "BD": 32}, num_warps=8, num_stages=3),
-            triton.Config({"BN": 128, "BK": 128, "BD": 32}, num_warps=8, num_stages=3),
-            triton.Config({"BN": 64, "BK": 64, "BD": 64}, num_warps=4, num_stages=3),
-        ],
-        triton.Config({"BN": 128, "BK": 64, "BD": 64}),
-    ),
-    key=_KEY,
-    reset_to_zero=["count_ptr"],
+    configs=tune_configs(_DOT_CONFIGS, _DOT_INTERPRETER), key=_KEY, reset_to_zero=["count_ptr"]
 )(_assign_kernel)
 
 

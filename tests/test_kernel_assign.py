@@ -387,6 +387,10 @@ def test_small_blocks(device, monkeypatch, precision):
              "tf32": triton.Config({"BN": 16, "BK": 16, "BD": 16}),
              "bf16": triton.Config({"BN": 16, "BK": 16, "BD": 16})}[precision]
     monkeypatch.setattr(A._assign_exact if precision == "exact" else A._assign_dot, "configs", [small])
+    if precision == "exact":
+        # The certified search (split 1) with small tensor-core tiles: its best / runner-up bounds
+        # must merge across many code tiles.
+        monkeypatch.setattr(A._assign_certify, "configs", [triton.Config({"BN": 16, "BK": 16, "BD": 16})])
     z = torch.randn(40, 300, device=device)
     c = torch.randn(45, 300, device=device)
     for split in (1, 2):
@@ -466,6 +470,23 @@ def test_certified_bound_is_rigorous_where_fp32_barely_separates(device):
     idx, dist, _, listed = certified(z, c)
     check_exact(z, c, idx, dist, same_index=False)
     assert listed < n, "nothing was certified"
+
+
+def test_certified_bounds_merge_across_code_tiles(device, monkeypatch):
+    """The two nearest codes sit in different code tiles, 1e-3 apart, and z is 10 % closer to the
+    earlier one: far beyond the contract's slack, far below what split-bf16 distances resolve. No row
+    may be certified for the later code, whichever tile order the approximate distances suggest."""
+    monkeypatch.setattr(A._assign_certify, "configs", [triton.Config({"BN": 16, "BK": 16, "BD": 16})])
+    monkeypatch.setattr(A._assign_exact, "configs", [triton.Config({"BN": 16, "BK": 16, "BD": 16})])
+    k, d, n = 64, 20, 160
+    c = torch.randn(k, d, device=device) * 4
+    a = torch.randint(0, 16, (n,), device=device)  # first code tile
+    b = torch.randint(32, 64, (n,), device=device)  # a later tile
+    c[b] = c[a] + 1e-3 * torch.randn(n, d, device=device)
+    z = c[a] + 0.475 * (c[b] - c[a])
+    idx, dist, _, listed = certified(z, c)
+    check_exact(z, c, idx, dist)
+    assert listed > n // 2, "rows this close to two codes must go to the direct search"
 
 
 def test_bad_arguments(device):
