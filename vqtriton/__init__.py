@@ -7,6 +7,7 @@ stop-gradients, and a VQ layer built on them. ``vqtriton.reference`` is the NumP
 from vqtriton.functional import QuantizeResult, assign, lookup, quantize, squared_error, verify_assignment
 from vqtriton.layer import QuantizerBreakdown, VectorQuantizer
 from vqtriton.model import VQVAE, LossBreakdown
+from vqtriton.residual import ResidualVQ
 
 __version__ = "0.1.0"
 
@@ -21,4 +22,5 @@ __all__ = [
     "QuantizerBreakdown",
     "VQVAE",
     "LossBreakdown",
+    "ResidualVQ",
 ]

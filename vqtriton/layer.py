@@ -3,11 +3,13 @@
 The codebook is either learned (an ``nn.Parameter`` trained by the codebook loss) or moved by
 exponential moving averages of per-code counts and sums (``ema_decay``, Sonnet / VQ-VAE-2), with the
 L2 or cosine metric, k-means initialisation on the first training batch, dead-code restart,
-channel-first inputs and padding masks. Per-code statistics come from the ``code_stats`` launcher (one
-pass over the indices, no one-hot, no N x K) and stay float32 whatever the module's dtype.
+channel-first inputs, padding masks, several heads (groups of channels, each with its own codebook or
+one shared) and ``torch.distributed`` synchronisation. Per-code statistics come from the ``code_stats``
+launcher (one pass over the indices, no one-hot, no N x K) and stay float32 whatever the module's dtype.
 
 One training step, in order: k-means (first batch only), ``quantize`` with the current codebook (this
-step's output, indices and loss), the EMA update, dead-code restart.
+step's output, indices and loss), the EMA update, dead-code restart. Heads run that same single-codebook
+machinery once per codebook, on their group of channels.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vqtriton import checks
+from vqtriton import checks, distributed
 from vqtriton.backend import BACKENDS, choose, ops
 from vqtriton.functional import METRICS, PRECISIONS, assign, lookup, quantize
 
@@ -31,9 +33,11 @@ _FP32_STATS = ("cluster_size", "embed_sum")
 
 
 class QuantizerBreakdown(NamedTuple):
-    """The 4th value of ``VectorQuantizer(..., return_breakdown=True)``, over the batch's kept vectors.
+    """The 4th value of ``VectorQuantizer(..., return_breakdown=True)``, over the batch's kept vectors
+    (this rank's batch: nothing here is synchronised).
 
     ``perplexity = exp(-sum p log p)`` of the code usage ``p``; ``usage`` is the fraction of codes used.
+    With separate codebooks per head, each is the mean over heads; the losses combine as the layer's loss.
     """
 
     codebook_loss: torch.Tensor
@@ -42,10 +46,43 @@ class QuantizerBreakdown(NamedTuple):
     usage: torch.Tensor
 
 
+class _Book(NamedTuple):
+    """One codebook ``[K, d]`` and, for an EMA codebook, its statistics ``[K]`` and ``[K, d]`` (views)."""
+
+    codes: torch.Tensor
+    cluster_size: torch.Tensor | None
+    embed_sum: torch.Tensor | None
+
+
 def _usage(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Perplexity and fraction of codes used, from per-code counts (1 and 0 when nothing was counted)."""
     p = counts / counts.sum().clamp_min(1)
     return torch.exp(-torch.special.xlogy(p, p).sum()), (counts > 0).float().mean()
+
+
+def _combine(values: list[torch.Tensor], reduction: str) -> torch.Tensor:
+    """Per-head values as one: the mean over heads (equal-sized groups: the mean over all elements) or the sum."""
+    if len(values) == 1:
+        return values[0]
+    stacked = torch.stack(values)
+    return stacked.mean() if reduction == "mean" else stacked.sum()
+
+
+def _breakdown(results: list, counts: list[torch.Tensor], reduction: str) -> QuantizerBreakdown:
+    """The breakdown from each codebook's ``quantize`` result and counts: losses as the layer's loss,
+    perplexity and usage averaged over codebooks."""
+    usage = [_usage(c) for c in counts]
+    return QuantizerBreakdown(
+        _combine([r.codebook_loss for r in results], reduction),
+        _combine([r.commitment_loss for r in results], reduction),
+        torch.stack([u[0] for u in usage]).mean(),
+        torch.stack([u[1] for u in usage]).mean(),
+    )
+
+
+def _pick(n_from: int, n: int, device) -> torch.Tensor:
+    """``n`` distinct random positions in ``range(n_from)`` (``n <= n_from``)."""
+    return torch.randperm(n_from, device=device)[:n]
 
 
 class VectorQuantizer(nn.Module):
@@ -55,7 +92,7 @@ class VectorQuantizer(nn.Module):
     ``[B, C, H, W]`` or ``[B, C, T]``); ``z_q`` has ``z``'s shape and dtype, value the nearest code,
     gradient straight through to ``z``; ``indices`` is int64, ``z``'s shape without the channel dim.
     ``mask`` (bool, that same shape) marks the vectors to quantize: the others get index -1, a zero
-    ``z_q``, and count in no loss, statistic, k-means or metric.
+    ``z_q``, and count in no loss, statistic, k-means or metric. A batch with no kept vector has loss 0.
 
     - Learned codebook (``ema_decay=None``): ``vq.codebook`` is an ``nn.Parameter``,
       ``loss = codebook_loss + beta * commitment_loss``.
@@ -65,11 +102,26 @@ class VectorQuantizer(nn.Module):
       embed_sum + (1 - g) s``, then ``codebook = embed_sum / size`` with the Laplace-smoothed
       ``size = (cluster_size + eps) / (N + K eps) N``, ``N = sum(cluster_size)``. The step's output
       uses the codebook from before the update.
-    - ``metric="cosine"``: inputs and codes are l2-normalised; ``z_q`` is the normalised code.
+    - ``metric="cosine"``: inputs and codes are l2-normalised (per head); ``z_q`` is the normalised code.
     - ``kmeans_init``: ``kmeans_iters`` Lloyd iterations on the first training batch seed the codebook
       (the ``initted`` buffer records it).
     - ``dead_code_threshold`` (EMA only): codes whose ``cluster_size`` falls below it are re-seeded
       from random vectors of the batch.
+    - ``heads=H``: the ``dim`` channels split into ``H`` groups of ``dim / H``, each quantized against
+      its own codebook: ``vq.codebook`` is ``[H, K, dim / H]`` (``cluster_size`` ``[H, K]``, ``embed_sum``
+      ``[H, K, dim / H]``; k-means, EMA and restarts per head). With ``shared_codebook=True`` all groups
+      use one codebook ``[K, dim / H]`` whose statistics count every group's vectors. ``indices`` gains a
+      trailing ``H`` dim; the loss is the mean over all elements (``"mean"``) or the sum (``"sum"``).
+    - ``sync`` (``None``: on when ``torch.distributed`` is initialised with more than one rank): every
+      rank keeps one codebook. The EMA counts and sums are summed over ranks before each update (the
+      same update as one process training on the concatenated batch); the first synchronised training
+      step copies rank 0's codebook state to all ranks; k-means starts from codes sampled on the rank
+      with the most vectors and sums its Lloyd statistics over ranks; dead codes are found from the
+      synchronised ``cluster_size`` and re-seeded from that same kind of source rank. Every collective
+      has a shape fixed by ``K``, ``dim``, ``H`` and the world size, so ranks with uneven or empty
+      batches join the same collectives. Collectives happen in training mode only: every rank must run
+      each training forward. A learned codebook under ``DistributedDataParallel`` needs no more (DDP
+      averages its gradient); the loss and ``QuantizerBreakdown`` stay per rank.
     - ``reduction``: ``"mean"`` over the kept elements, or ``"sum"`` (the spec's squared norms).
     - ``precision``, ``backend``: passed to :func:`vqtriton.functional.quantize`.
 
@@ -90,6 +142,9 @@ class VectorQuantizer(nn.Module):
         kmeans_init: bool = False,
         kmeans_iters: int = 10,
         dead_code_threshold: float = 0.0,
+        heads: int = 1,
+        shared_codebook: bool = False,
+        sync: bool | None = None,
         reduction: str = "mean",
         precision: str = "exact",
         backend: str | None = None,
@@ -107,22 +162,37 @@ class VectorQuantizer(nn.Module):
         self.dead_code_threshold = checks.real("dead_code_threshold", dead_code_threshold, lambda v: v >= 0, ">= 0")
         if self.dead_code_threshold > 0 and self.ema_decay is None:
             raise ValueError("dead_code_threshold > 0 needs ema_decay: dead codes are found by their EMA cluster_size")
+        self.heads = checks.integer("heads", heads, 1)
+        if self.dim % self.heads:
+            raise ValueError(f"dim must be divisible by heads, got dim = {self.dim} and heads = {self.heads}")
+        self.head_dim = self.dim // self.heads
+        self.shared_codebook = bool(shared_codebook)
+        if not (sync is None or isinstance(sync, bool)):
+            raise TypeError(f"sync must be None, True or False, got {sync!r}")
+        self.sync = sync
         self.reduction = checks.choice("reduction", reduction, REDUCTIONS)
         self.precision = checks.choice("precision", precision, PRECISIONS)
         self.backend = checks.choice("backend", backend, (None, *BACKENDS))
 
-        codebook = self._to_metric(torch.randn(self.num_codes, self.dim))
+        # One codebook per head, stacked, unless there is one head or one shared codebook.
+        self.num_books = 1 if self.shared_codebook else self.heads
+        book_shape = (self.num_codes, self.head_dim)
+        if self.num_books > 1:
+            book_shape = (self.heads, *book_shape)
+        codebook = self._to_metric(torch.randn(book_shape))
         if self.ema_decay is None:
             self.codebook = nn.Parameter(codebook)
         else:
             self.register_buffer("codebook", codebook)
-            self.register_buffer("cluster_size", torch.ones(self.num_codes, dtype=torch.float32))
+            self.register_buffer("cluster_size", torch.ones(book_shape[:-1], dtype=torch.float32))
             self.register_buffer("embed_sum", codebook.to(torch.float32, copy=True))
         self.register_buffer("initted", torch.tensor(not self.kmeans_init))
+        self._state_synced = False
 
     def extra_repr(self) -> str:
         mode = "learned" if self.ema_decay is None else f"ema_decay={self.ema_decay}"
-        return f"{self.dim}, {self.num_codes}, {mode}, metric={self.metric!r}, beta={self.beta}"
+        heads = "" if self.heads == 1 else f", heads={self.heads}, shared_codebook={self.shared_codebook}"
+        return f"{self.dim}, {self.num_codes}, {mode}{heads}, metric={self.metric!r}, beta={self.beta}"
 
     # --- the forward pass ---------------------------------------------------------------------------
 
@@ -145,35 +215,62 @@ class VectorQuantizer(nn.Module):
         with torch.autocast(z.device.type, enabled=False):
             # The kept rows, in the wider of z's and the codebook's dtype, as the metric compares them.
             x = rows if keep is None else rows.index_select(0, keep)
-            x = self._to_metric(x.to(torch.promote_types(z.dtype, self.codebook.dtype)))
+            x = x.to(torch.promote_types(z.dtype, self.codebook.dtype))
+            parts = [self._to_metric(p) for p in self._split(x)]  # one [n, dim / H] per codebook
+            sync = self.training and distributed.is_active(self.sync)
+            if sync and not self._state_synced:
+                self._broadcast_state()
             if self.training and self.kmeans_init and not self.initted:
-                self._kmeans(x.detach())
-            r = quantize(x, self._codes(x.dtype), self.beta, reduction, precision=self.precision, backend=self.backend)
-            loss = r.loss if self.ema_decay is None else self.beta * r.commitment_loss
+                # A list, not a generator: every codebook runs (and joins its collectives) on every rank.
+                if all([self._kmeans(b, p.detach(), sync) for b, p in enumerate(parts)]):
+                    self.initted.fill_(True)
+            # The mean over no elements would be NaN: an empty batch (a rank's share, say) adds 0 instead.
+            red = reduction if x.shape[0] else "sum"
+            results = [
+                quantize(p, self._codes(b, p.dtype), self.beta, red, precision=self.precision, backend=self.backend)
+                for b, p in enumerate(parts)
+            ]
+            losses = [r.loss if self.ema_decay is None else self.beta * r.commitment_loss for r in results]
             ema_step = self.training and self.ema_decay is not None
             if ema_step or return_breakdown:
-                counts, sums = self._code_stats(r.indices, x, sums=ema_step)
+                stats = [self._code_stats(r.indices, p, sums=ema_step) for r, p in zip(results, parts)]
+            if return_breakdown:  # this rank's counts, before the EMA step sums them over ranks
+                breakdown = _breakdown(results, [counts for counts, _ in stats], reduction)
             if ema_step:
-                self._ema_update(counts, sums)
-                self._restart_dead_codes(x.detach())
-        z_q, indices = self._unrows(r.z_q, r.indices, keep, lead, z)
-        if not return_breakdown:
-            return z_q, indices, loss
-        return z_q, indices, loss, QuantizerBreakdown(r.codebook_loss, r.commitment_loss, *_usage(counts))
+                self._ema_step(stats, [p.detach() for p in parts], sync)
+        z_q, indices = self._join([r.z_q for r in results], [r.indices for r in results], x.shape[0])
+        z_q, indices = self._unrows(z_q, indices, keep, lead, z)
+        loss = _combine(losses, reduction)
+        return (z_q, indices, loss, breakdown) if return_breakdown else (z_q, indices, loss)
 
     def get_output_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """The codes of ``indices`` in the layer's input layout (``channel_dim`` honoured), -1 giving zeros.
 
-        Normalised codes for the cosine metric; the gradient flows to a learned codebook.
+        ``indices`` is ``[...]``, or ``[..., H]`` with heads. Normalised codes for the cosine metric; the
+        gradient flows to a learned codebook.
         """
-        codes = lookup(indices, self._codes(self.codebook.dtype), backend=self.backend)
+        if self.heads > 1 and (not isinstance(indices, torch.Tensor) or indices.shape[-1:] != (self.heads,)):
+            shape = tuple(getattr(indices, "shape", ()))
+            raise ValueError(f"indices must be [..., heads] with heads = {self.heads}, got shape {shape}")
+        dtype = self.codebook.dtype
+        if self.num_books == 1:  # one head, or one codebook shared by the heads: [..., H, d] -> [..., D]
+            codes = lookup(indices, self._codes(0, dtype), backend=self.backend)
+            codes = codes if self.heads == 1 else codes.flatten(-2)
+        else:
+            codes = torch.cat(
+                [lookup(indices[..., h], self._codes(h, dtype), backend=self.backend) for h in range(self.heads)], -1
+            )
         return codes.movedim(-1, self.channel_dim)
 
     decode = get_output_from_indices
 
     def transform_input(self, z: torch.Tensor) -> torch.Tensor:
-        """``z`` as the quantizer compares it: l2-normalised along ``channel_dim`` for cosine, else as is."""
-        return self._to_metric(z, self.channel_dim)
+        """``z`` as the quantizer compares it: l2-normalised along ``channel_dim`` (per head) for cosine, else as is."""
+        if self.heads == 1 or self.metric != "cosine":
+            return self._to_metric(z, self.channel_dim)
+        z = z.movedim(self.channel_dim, -1)
+        z = self._to_metric(z.unflatten(-1, (self.heads, self.head_dim))).flatten(-2)
+        return z.movedim(-1, self.channel_dim)
 
     # --- layout: [..., D] or channel-first, with a mask, to and from rows -----------------------
 
@@ -201,94 +298,163 @@ class VectorQuantizer(nn.Module):
         checks.same_device(mask=mask, z=z)
         return mask.reshape(-1).nonzero().squeeze(1)
 
+    def _split(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Rows ``[n, D]`` as the rows each codebook quantizes: ``[n, D]``; ``[n H, D / H]`` for a shared
+        codebook; one ``[n, D / H]`` per head for separate codebooks."""
+        if self.heads == 1:
+            return [x]
+        if self.shared_codebook:
+            return [x.reshape(-1, self.head_dim)]
+        return list(x.split(self.head_dim, dim=1))
+
+    def _join(self, z_qs: list[torch.Tensor], indices: list[torch.Tensor], n: int):
+        """The inverse of ``_split`` for the outputs: rows ``[n, D]`` and indices ``[n]`` (``[n, H]`` with heads)."""
+        if self.heads == 1:
+            return z_qs[0], indices[0]
+        if self.shared_codebook:
+            return z_qs[0].reshape(n, self.dim), indices[0].reshape(n, self.heads)
+        return torch.cat(z_qs, 1), torch.stack(indices, 1)
+
     def _unrows(self, z_q, indices, keep, lead: torch.Size, z: torch.Tensor):
         """Rows of kept vectors back to ``z``'s layout and dtype: zeros and index -1 where masked."""
+        per_row = indices.shape[1:]  # () or (H,)
         if keep is not None:
             n = math.prod(lead)
             z_q = z_q.new_zeros(n, self.dim).index_copy(0, keep, z_q)
-            indices = indices.new_full((n,), -1).index_copy(0, keep, indices)
+            indices = indices.new_full((n, *per_row), -1).index_copy(0, keep, indices)
         z_q = z_q.to(z.dtype).reshape(*lead, self.dim).movedim(-1, self.channel_dim)
-        return z_q, indices.reshape(lead)
+        return z_q, indices.reshape(*lead, *per_row)
 
     def _to_metric(self, t: torch.Tensor, dim: int = -1) -> torch.Tensor:
         return F.normalize(t, dim=dim, eps=1e-12) if self.metric == "cosine" else t
 
-    def _codes(self, dtype: torch.dtype) -> torch.Tensor:
-        """The codes as the quantizer compares them, in ``dtype``. An EMA codebook is copied: the EMA step
-        rewrites the buffer in place while autograd still holds this step's codes."""
-        codes = self.codebook if self.ema_decay is None else self.codebook.detach().clone()
+    # --- one codebook: the b-th of num_books ---------------------------------------------------
+
+    def _book(self, b: int) -> _Book:
+        """Codebook ``b`` and its statistics, as views: writing to them updates the module's tensors."""
+        stats = (None, None) if self.ema_decay is None else (self.cluster_size, self.embed_sum)
+        book = _Book(self.codebook, *stats)
+        return book if self.num_books == 1 else _Book(*(None if t is None else t[b] for t in book))
+
+    def _codes(self, b: int, dtype: torch.dtype) -> torch.Tensor:
+        """Codebook ``b`` as the quantizer compares it, in ``dtype``. An EMA codebook is copied: the EMA
+        step rewrites the buffer in place while autograd still holds this step's codes."""
+        codes = self._book(b).codes
+        codes = codes if self.ema_decay is None else codes.detach().clone()
         return self._to_metric(codes.to(dtype))
 
     # --- codebook updates (training mode) --------------------------------------------------------
 
     def _code_stats(self, indices: torch.Tensor, x: torch.Tensor, sums: bool = True):
-        """Per-code counts (float32 ``[K]``) and, with ``sums``, float32 sums ``[K, D]`` of the rows ``x``."""
+        """Per-code counts (float32 ``[K]``) and, with ``sums``, float32 sums ``[K, d]`` of the rows ``x``."""
         x = x.detach().float().contiguous()
         launch = ops(choose(x, backend=self.backend)).code_stats
         deterministic = torch.are_deterministic_algorithms_enabled()
         return launch(indices, x if sums else None, self.num_codes, deterministic=deterministic)
 
     @torch.no_grad()
-    def _kmeans(self, x: torch.Tensor) -> None:
-        """Seed every code by Lloyd's k-means on the rows ``x`` (assign + code_stats); empty clusters keep
-        their centre. Starts from distinct rows (with replacement when there are fewer rows than codes)."""
-        n, k = x.shape[0], self.num_codes
-        if n == 0:
-            return
+    def _broadcast_state(self) -> None:
+        """Rank 0's codebook, statistics and ``initted`` on every rank (the first synchronised step)."""
+        for name in ("codebook", *_FP32_STATS):
+            if hasattr(self, name):
+                distributed.broadcast_(getattr(self, name).data, 0)
+        flag = self.initted.to(torch.int32)  # a bool tensor is not a portable collective dtype
+        distributed.broadcast_(flag, 0)
+        self.initted.copy_(flag.bool())
+        self._state_synced = True
+
+    @torch.no_grad()
+    def _kmeans(self, b: int, x: torch.Tensor, sync: bool) -> bool:
+        """Seed every code of codebook ``b`` by Lloyd's k-means on the rows ``x`` (assign + code_stats);
+        empty clusters keep their centre. Starts from distinct rows (with replacement when there are
+        fewer rows than codes). Synchronised, the start is sampled on the rank with the most rows and
+        every iteration sums the statistics over ranks. False when there was no row to start from."""
+        k = self.num_codes
         x = x.float()
-        pick = torch.randperm(n, device=x.device)[:k] if n >= k else torch.randint(n, (k,), device=x.device)
-        centres = x[pick]
+        src, n = distributed.largest(x.shape[0], x.device) if sync else (None, x.shape[0])
+        if n == 0:
+            return False
+        centres = x.new_zeros(k, x.shape[1])
+        if not sync or distributed.rank() == src:
+            pick = _pick(n, k, x.device) if n >= k else torch.randint(n, (k,), device=x.device)
+            centres = x[pick]
+        if sync:
+            distributed.broadcast_(centres, src)
         for _ in range(self.kmeans_iters):
             counts, sums = self._code_stats(assign(x, centres, backend=self.backend), x)
+            if sync:
+                distributed.all_reduce_sum_(counts, sums)
             means = self._to_metric(sums / counts.clamp_min(1).unsqueeze(1))
             centres = torch.where(counts.unsqueeze(1) > 0, means, centres)
-        self._reseed(torch.arange(k, device=x.device), centres)
-        self.initted.fill_(True)
+        self._reseed(b, torch.arange(k, device=x.device), centres)
+        return True
 
     @torch.no_grad()
-    def _ema_update(self, counts: torch.Tensor, sums: torch.Tensor) -> None:
-        """One EMA step from the batch's per-code counts ``[K]`` and sums ``[K, D]`` (float32).
-
-        A ``torch.distributed`` all-reduce of ``counts`` and ``sums`` belongs right before this.
-        """
-        g = self.ema_decay
-        self.cluster_size.mul_(g).add_(counts, alpha=1.0 - g)
-        self.embed_sum.mul_(g).add_(sums, alpha=1.0 - g)
-        self._refresh_codebook()
+    def _ema_step(self, stats: list, parts: list[torch.Tensor], sync: bool) -> None:
+        """EMA update and dead-code restart of every codebook; synchronised, the per-code counts and sums
+        of all codebooks are first summed over ranks (one collective)."""
+        if sync:
+            distributed.all_reduce_sum_(*(counts for counts, _ in stats), *(sums for _, sums in stats))
+        for b, ((counts, sums), x) in enumerate(zip(stats, parts)):
+            self._ema_update(b, counts, sums)
+            self._restart_dead_codes(b, x, sync)
 
     @torch.no_grad()
-    def _restart_dead_codes(self, x: torch.Tensor) -> None:
-        """Re-seed the codes whose EMA cluster size is below the threshold from distinct random rows of
-        ``x``; with more dead codes than rows, a random subset now and the rest on later batches."""
+    def _ema_update(self, b: int, counts: torch.Tensor, sums: torch.Tensor) -> None:
+        """One EMA step of codebook ``b`` from the batch's per-code counts ``[K]`` and sums ``[K, d]`` (float32)."""
+        g, book = self.ema_decay, self._book(b)
+        book.cluster_size.mul_(g).add_(counts, alpha=1.0 - g)
+        book.embed_sum.mul_(g).add_(sums, alpha=1.0 - g)
+        self._refresh_codebook(book)
+
+    @torch.no_grad()
+    def _restart_dead_codes(self, b: int, x: torch.Tensor, sync: bool) -> None:
+        """Re-seed the codes of codebook ``b`` whose EMA cluster size is below the threshold from distinct
+        random rows of ``x``; with more dead codes than rows, a random subset now and the rest on later
+        batches. Synchronised, the dead set is the same on every rank (the statistics are) and the rows
+        come from the rank with the most of them, sent as a ``[K, d + 1]`` table (new code, flag)."""
         if self.dead_code_threshold <= 0:
             return
-        dead = torch.nonzero(self.cluster_size < self.dead_code_threshold).squeeze(1)
-        n = min(dead.numel(), x.shape[0])
+        dead = torch.nonzero(self._book(b).cluster_size < self.dead_code_threshold).squeeze(1)
+        if dead.numel() == 0:
+            return
+        src, rows = distributed.largest(x.shape[0], x.device) if sync else (None, x.shape[0])
+        n = min(dead.numel(), rows)
         if n == 0:
             return
-        dead = dead[torch.randperm(dead.numel(), device=dead.device)[:n]]
-        self._reseed(dead, x[torch.randperm(x.shape[0], device=x.device)[:n]])
+        if not sync:
+            self._reseed(b, dead[_pick(dead.numel(), n, dead.device)], x[_pick(rows, n, x.device)])
+            return
+        table = x.new_zeros(self.num_codes, x.shape[1] + 1)
+        if distributed.rank() == src:
+            which = dead[_pick(dead.numel(), n, dead.device)]
+            table[which, :-1] = x[_pick(rows, n, x.device)]
+            table[which, -1] = 1
+        distributed.broadcast_(table, src)
+        which = torch.nonzero(table[:, -1] > 0).squeeze(1)
+        self._reseed(b, which, table[which, :-1])
 
     @torch.no_grad()
-    def _reseed(self, which: torch.Tensor, values: torch.Tensor) -> None:
-        """Set the codes ``which`` to ``values``. EMA codes restart as fresh ones, cluster size 1 (the
-        dead-code threshold if higher) and the matching sum; the codebook is then recomputed from the
-        statistics, so it stays ``embed_sum / size`` for every code."""
+    def _reseed(self, b: int, which: torch.Tensor, values: torch.Tensor) -> None:
+        """Set the codes ``which`` of codebook ``b`` to ``values``. EMA codes restart as fresh ones, cluster
+        size 1 (the dead-code threshold if higher) and the matching sum; the codebook is then recomputed
+        from the statistics, so it stays ``embed_sum / size`` for every code."""
+        book = self._book(b)
         if self.ema_decay is None:
-            self.codebook.index_copy_(0, which, values.to(self.codebook.dtype))
+            book.codes.index_copy_(0, which, values.to(book.codes.dtype))
             return
-        self.cluster_size.index_fill_(0, which, max(1.0, self.dead_code_threshold))
-        size = self._smoothed_sizes().index_select(0, which)
-        self.embed_sum.index_copy_(0, which, values.float() * size.unsqueeze(1))
-        self._refresh_codebook()
+        book.cluster_size.index_fill_(0, which, max(1.0, self.dead_code_threshold))
+        size = self._smoothed_sizes(book).index_select(0, which)
+        book.embed_sum.index_copy_(0, which, values.float() * size.unsqueeze(1))
+        self._refresh_codebook(book)
 
-    def _smoothed_sizes(self) -> torch.Tensor:
+    def _smoothed_sizes(self, book: _Book) -> torch.Tensor:
         """Laplace-smoothed cluster sizes ``(cluster_size + eps) / (N + K eps) * N``, ``N = sum(cluster_size)``."""
-        n = self.cluster_size.sum()
-        return (self.cluster_size + self.eps) / (n + self.num_codes * self.eps) * n
+        n = book.cluster_size.sum()
+        return (book.cluster_size + self.eps) / (n + self.num_codes * self.eps) * n
 
-    def _refresh_codebook(self) -> None:
-        self.codebook.copy_(self.embed_sum / self._smoothed_sizes().unsqueeze(1))
+    def _refresh_codebook(self, book: _Book) -> None:
+        book.codes.copy_(book.embed_sum / self._smoothed_sizes(book).unsqueeze(1))
 
     # --- dtype casts ------------------------------------------------------------------------------
 

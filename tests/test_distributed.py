@@ -1,0 +1,265 @@
+"""torch.distributed: 2 CPU ranks over gloo (torch.multiprocessing spawn, a FileStore in tmp_path).
+
+Each test spawns the ranks once; a worker runs one scenario (a module-level function) and saves what it
+saw; the test compares ranks with each other and with one process on the concatenated batch. The workers
+use the torch backend (the Triton interpreter is too slow for several processes on a small machine).
+A hung collective fails the test: gloo's own timeout, and a bounded join that kills the workers.
+"""
+
+import os
+import time
+from datetime import timedelta
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from vqtriton import distributed, reference
+from vqtriton.layer import VectorQuantizer
+from vqtriton.model import VQVAE
+from vqtriton.residual import ResidualVQ
+from helpers import f64
+
+WORLD = 2
+JOIN_TIMEOUT_S = 120
+COLLECTIVE_TIMEOUT_S = 60
+
+
+# --- running ranks ---------------------------------------------------------------------------------
+
+
+def _worker(rank: int, scenario: str, store: str, out_dir: str) -> None:
+    os.environ["VQTRITON_BACKEND"] = "torch"
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{store}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+    )
+    try:
+        result = globals()[scenario](rank)
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(tmp_path, scenario) -> list:
+    """What ``scenario(rank)`` returned on each rank; fails the test if a rank hangs."""
+    ctx = mp.spawn(_worker, args=(scenario.__name__, str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + JOIN_TIMEOUT_S
+    while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):  # raises if a rank failed
+        if time.monotonic() >= deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            pytest.fail(f"{scenario.__name__}: ranks still running after {JOIN_TIMEOUT_S} s (a collective hung?)")
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+
+
+def batch(step: int, n: int, D: int) -> torch.Tensor:
+    """The full batch of a step: the same on every rank and in the test process."""
+    return torch.randn(n, D, generator=torch.Generator().manual_seed(1000 + step))
+
+
+def share(x: torch.Tensor, sizes: tuple[int, int], rank: int) -> torch.Tensor:
+    """Rank ``rank``'s rows of ``x`` when the ranks hold ``sizes`` rows, in rank order."""
+    start = sum(sizes[:rank])
+    return x[start : start + sizes[rank]]
+
+
+def assert_ranks_identical(states: list[dict], what: str) -> None:
+    for name, value in states[0].items():
+        for r in range(1, len(states)):
+            assert torch.equal(states[r][name], value), f"{what}: {name} differs between rank 0 and rank {r}"
+
+
+# --- 2 ranks of EMA training == one process on the concatenated batch --------------------------------
+
+EMA_CONFIGS = {
+    "plain": dict(),
+    "heads": dict(heads=2),
+    "shared-heads": dict(heads=2, shared_codebook=True),
+    "cosine-sum": dict(metric="cosine", reduction="sum"),
+}
+EMA_STEPS = [(13, 27), (31, 9), (40, 0)]  # rows per rank; rank 1 gets none in the last step
+D_EMA, K_EMA = 6, 9
+
+
+def ema_vq(config: str, **kw) -> VectorQuantizer:
+    torch.manual_seed(0)  # the same initial codebook everywhere
+    return VectorQuantizer(D_EMA, K_EMA, ema_decay=0.8, backend="torch", **EMA_CONFIGS[config], **kw)
+
+
+def ema_scenario(rank: int) -> dict:
+    out = {}
+    for config in EMA_CONFIGS:
+        vq, indices = ema_vq(config), []
+        if rank == 1:  # another starting state: the first synchronised step takes rank 0's
+            with torch.no_grad():
+                for name in ("codebook", "cluster_size", "embed_sum"):
+                    getattr(vq, name).add_(1.0)
+        for step, sizes in enumerate(EMA_STEPS):
+            indices.append(vq(share(batch(step, sum(sizes), D_EMA), sizes, rank))[1])
+        out[config] = dict(state=vq.state_dict(), indices=indices)
+    return out
+
+
+def test_ema_training_equals_one_process_on_the_full_batch(tmp_path):
+    ranks = run_ranks(tmp_path, ema_scenario)
+    for config in EMA_CONFIGS:
+        single = ema_vq(config, sync=False)
+        for step, sizes in enumerate(EMA_STEPS):
+            _, idx, _ = single(batch(step, sum(sizes), D_EMA))
+            for r in range(WORLD):  # each rank quantized its rows against the one shared codebook
+                assert torch.equal(ranks[r][config]["indices"][step], share(idx, sizes, r)), (config, step, r)
+        assert_ranks_identical([ranks[r][config]["state"] for r in range(WORLD)], config)
+        for name, value in single.state_dict().items():
+            mine = ranks[0][config]["state"][name]
+            torch.testing.assert_close(mine, value, rtol=1e-5, atol=1e-6, msg=f"{config}: {name}")
+
+
+# --- k-means init: one start, Lloyd statistics summed over ranks -------------------------------------
+
+KMEANS_CASES = {"fewer-on-rank-0": (4, 30), "empty-rank-0-fewer-than-K": (0, 3)}  # rows per rank
+D_KM, K_KM, ITERS_KM, SEED_KM = 5, 7, 3, 5
+
+
+def clustered(n: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(7)
+    centres = 6 * torch.randn(3, D_KM, generator=g)
+    return centres[torch.arange(n) % 3] + 0.2 * torch.randn(n, D_KM, generator=g)
+
+
+def kmeans_scenario(rank: int) -> dict:
+    out = {}
+    for case, sizes in KMEANS_CASES.items():
+        torch.manual_seed(rank)  # different initial codebooks: k-means must still agree
+        vq = VectorQuantizer(D_KM, K_KM, kmeans_init=True, kmeans_iters=ITERS_KM, backend="torch")
+        torch.manual_seed(SEED_KM)
+        vq(share(clustered(sum(sizes)), sizes, rank))
+        out[case] = vq.state_dict()
+    return out
+
+
+def lloyd(x: np.ndarray, centres: np.ndarray, iters: int) -> np.ndarray:
+    for _ in range(iters):
+        a = reference.nearest_code(x, centres)
+        counts = np.bincount(a, minlength=len(centres))[:, None]
+        sums = np.zeros_like(centres)
+        np.add.at(sums, a, x)
+        centres = np.where(counts > 0, sums / np.maximum(counts, 1), centres)
+    return centres
+
+
+def test_kmeans_init_is_synchronised(tmp_path):
+    ranks = run_ranks(tmp_path, kmeans_scenario)
+    for case, sizes in KMEANS_CASES.items():
+        assert_ranks_identical([ranks[r][case] for r in range(WORLD)], case)
+        assert bool(ranks[0][case]["initted"])
+        x = clustered(sum(sizes))
+        src = int(np.argmax(sizes))  # the start is sampled on the rank with the most rows
+        rows, n = share(x, sizes, src), sizes[src]
+        torch.manual_seed(SEED_KM)
+        pick = torch.randperm(n)[:K_KM] if n >= K_KM else torch.randint(n, (K_KM,))
+        expected = lloyd(f64(x), f64(rows[pick]), ITERS_KM)  # Lloyd on the concatenated batch
+        np.testing.assert_allclose(f64(ranks[0][case]["codebook"]), expected, rtol=1e-5, atol=1e-5, err_msg=case)
+
+
+# --- uneven and empty batches: no hang, ranks stay identical ---------------------------------------
+
+UNEVEN_STEPS = [(0, 0), (0, 17), (9, 0), (5, 2), (0, 6)]  # rows per rank
+D_UN, K_UN = 4, 6
+
+
+def uneven_modules() -> dict:
+    torch.manual_seed(0)
+    kw = dict(backend="torch", kmeans_init=True, kmeans_iters=2)
+    return {
+        "ema": VectorQuantizer(D_UN, K_UN, ema_decay=0.7, dead_code_threshold=0.5, heads=2, **kw),
+        "learned-mean": VectorQuantizer(D_UN, K_UN, **kw),
+        "residual": ResidualVQ(D_UN, K_UN, 3, quantize_dropout=0.5, ema_decay=0.7, dead_code_threshold=0.5, **kw),
+    }
+
+
+def uneven_scenario(rank: int) -> dict:
+    modules, losses = uneven_modules(), []
+    for step, sizes in enumerate(UNEVEN_STEPS):
+        torch.manual_seed(100 * rank + step)  # ranks draw different random numbers: nothing may depend on them
+        z = share(batch(step, sum(sizes), D_UN), sizes, rank)
+        for name, module in modules.items():
+            losses.append(module(z)[2].detach())
+    return dict(states={name: m.state_dict() for name, m in modules.items()}, losses=torch.stack(losses))
+
+
+def test_uneven_and_empty_batches_do_not_hang(tmp_path):
+    ranks = run_ranks(tmp_path, uneven_scenario)
+    for name in uneven_modules():
+        assert_ranks_identical([ranks[r]["states"][name] for r in range(WORLD)], name)
+    assert all(torch.isfinite(ranks[r]["losses"]).all() for r in range(WORLD))  # an empty batch's mean is 0, not NaN
+    assert bool(ranks[0]["states"]["ema"]["initted"])  # k-means waited for a step with rows, then ran
+
+
+# --- DistributedDataParallel over a small VQVAE -----------------------------------------------------
+
+DDP_CONFIGS = {
+    "learned-kmeans": (dict(kmeans_init=True, kmeans_iters=2), True),  # (quantizer kwargs, broadcast_buffers)
+    "ema-kmeans-dead": (dict(ema_decay=0.8, kmeans_init=True, kmeans_iters=2, dead_code_threshold=0.5), False),
+    "unsynchronised-control": (dict(kmeans_init=True, kmeans_iters=2, sync=False), True),
+}
+OBS, D_DDP, K_DDP, DDP_ROWS = 7, 4, 5, (12, 20)
+
+
+class Objective(nn.Module):
+    """The VQ-VAE objective as a forward, so that DDP sees the codebook's gradient."""
+
+    def __init__(self, model: VQVAE):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model.loss(x, reduction="mean").total
+
+
+def ddp_scenario(rank: int) -> dict:
+    out = {}
+    for config, (quantizer, broadcast_buffers) in DDP_CONFIGS.items():
+        torch.manual_seed(rank)  # different initial weights: DDP and the quantizer must make them one
+        vq = VectorQuantizer(D_DDP, K_DDP, backend="torch", **quantizer)
+        model = VQVAE(nn.Linear(OBS, D_DDP), vq, nn.Linear(D_DDP, OBS))
+        ddp = DistributedDataParallel(Objective(model), broadcast_buffers=broadcast_buffers)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        for step in range(3):
+            x = torch.randn(DDP_ROWS[rank], OBS, generator=torch.Generator().manual_seed(10 * step + rank))
+            opt.zero_grad()
+            ddp(x).backward()
+            opt.step()
+        out[config] = model.state_dict()
+    return out
+
+
+def test_ddp_vqvae_ranks_stay_identical(tmp_path):
+    ranks = run_ranks(tmp_path, ddp_scenario)
+    for config in DDP_CONFIGS:
+        states = [ranks[r][config] for r in range(WORLD)]
+        if config == "unsynchronised-control":  # the check can see a difference: k-means per rank diverges
+            assert not torch.equal(states[0]["quantizer.codebook"], states[1]["quantizer.codebook"])
+        else:
+            assert_ranks_identical(states, config)
+
+
+# --- without a process group ---------------------------------------------------------------------------
+
+
+def test_single_process_needs_no_process_group():
+    assert not dist.is_initialized()
+    assert distributed.is_active(None) is False and distributed.is_active(False) is False
+    with pytest.raises(RuntimeError, match="sync=True needs an initialised torch.distributed process group"):
+        VectorQuantizer(3, 4, ema_decay=0.9, sync=True)(torch.randn(5, 3))
+    with pytest.raises(TypeError, match="sync must be None, True or False"):
+        VectorQuantizer(3, 4, sync=1)
