@@ -207,7 +207,8 @@ def _search_certify(z_ptr, mean_ptr, ch_ptr, cl_ptr, csq_ptr, cn_ptr, o_n, m_n, 
             m_d = o_d < D
             b_zh, b_zl = _split_bf16(_load_centred(z_ptr, mean_ptr, o_n, m_n, o_d, m_d, stride_z), EMULATE_BF16)
             m_c = m_d[:, None] & m_k[None, :]
-            o_c = o_k[None, :] * stride_cs + o_d[:, None]
+            # int64: k0 runs in int32 here, and K * D may pass 2^31 elements.
+            o_c = o_k[None, :].to(tl.int64) * stride_cs + o_d[:, None]
             b_ch = tl.load(ch_ptr + o_c, mask=m_c, other=0.0)  # [BD, BK]
             b_cl = tl.load(cl_ptr + o_c, mask=m_c, other=0.0)  # [BD, BK]
             b_dot = tl.dot(b_zh, b_ch, b_dot, input_precision="ieee")

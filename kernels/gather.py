@@ -171,7 +171,8 @@ def scatter_rows(
     n = idx.shape[0]
     device = idx.device
     assert rows is not None or count, "nothing to scatter"
-    assert n < 2**31, "counts are int32"
+    # Only the atomic counts are int32: sums, and the deterministic counts, take any N.
+    assert not (count and not deterministic) or n < 2**31, "counts are int32"
     if n == 0:
         sums = None if rows is None else torch.zeros(num_codes, d, dtype=torch.float32, device=device)
         counts = torch.zeros(num_codes, dtype=torch.float32, device=device) if count else None

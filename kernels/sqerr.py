@@ -110,9 +110,10 @@ def _sqerr_bwd_kernel(
 def sqerr_rows(a: Tensor, b: Tensor) -> Tensor:
     """``sum_j (a - b)^2`` for each row of ``a, b [N, D]``: float32 ``[N]``, fp32 accumulation."""
     n, d = a.shape
+    if n == 0 or d == 0:
+        # No launch: a zero-width tile would divide by zero; the sum over no elements is 0.
+        return torch.zeros(n, dtype=torch.float32, device=a.device)
     out = torch.empty(n, dtype=torch.float32, device=a.device)
-    if n == 0:
-        return out
     a, b = row_major(a), row_major(b)
 
     def grid(meta):
@@ -129,7 +130,7 @@ def sqerr_sum(a: Tensor, b: Tensor) -> Tensor:
     fixed order; the same inputs give the same bits on every run.
     """
     n, d = a.shape
-    if n == 0:
+    if n == 0 or d == 0:
         return torch.zeros((), dtype=torch.float32, device=a.device)
     a, b = row_major(a), row_major(b)
     bd = block_d(d)
@@ -163,7 +164,7 @@ def sqerr_backward(a: Tensor, b: Tensor, grad: Tensor) -> Tensor:
     """
     n, d = a.shape
     out = torch.empty(n, d, dtype=a.dtype, device=a.device)
-    if n == 0:
+    if n == 0 or d == 0:
         return out
     a, b = row_major(a), row_major(b)
     per_row = grad.dim() == 1

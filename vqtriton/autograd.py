@@ -56,13 +56,16 @@ class SquaredError(torch.autograd.Function):
         a, b = ctx.saved_tensors
         if reduction == "mean":
             grad = grad / a.numel()
-        grad_a = ops(backend).sqerr_backward(a, b, grad.contiguous())
-        return (
-            grad_a if ctx.needs_input_grad[0] else None,
-            -grad_a.to(b.dtype) if ctx.needs_input_grad[1] else None,
-            None,
-            None,
-        )
+        o, grad = ops(backend), grad.contiguous()
+        need_a, need_b = ctx.needs_input_grad[:2]
+        same = a.dtype == b.dtype
+        grad_a = o.sqerr_backward(a, b, grad) if need_a or (need_b and same) else None
+        grad_b = None
+        if need_b:
+            # Same dtype: the exact negation of grad_a. Else rounded to b's own dtype: -grad_a, rounded to
+            # a narrower a.dtype, would lose b's precision (or overflow when a is float16).
+            grad_b = -grad_a if same else o.sqerr_backward(b, a, grad)
+        return grad_a if need_a else None, grad_b, None, None
 
 
 class Quantize(torch.autograd.Function):

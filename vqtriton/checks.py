@@ -53,18 +53,21 @@ def latents(z, c: torch.Tensor, name: str = "z") -> torch.Tensor:
     return z
 
 
-def indices(idx, num_codes: int, name: str = "indices") -> torch.Tensor:
+def indices(idx, num_codes: int, name: str = "indices", device: torch.device | None = None) -> torch.Tensor:
     """Integer indices in ``[-1, num_codes)`` (-1: no code), returned as int64.
 
-    The range check reads the values (a device sync on CUDA): out-of-range indices would make a
-    kernel read outside the codebook.
+    ``device`` (the codebook's) is checked before any value is read. The range check reads the values
+    (a device sync on CUDA): out-of-range indices would make a kernel read outside the codebook.
     """
     if not isinstance(idx, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(idx).__name__}")
     if idx.dtype not in _INT_DTYPES:
-        raise TypeError(f"{name} must be an integer tensor, got {idx.dtype}")
+        kinds = "/".join(str(t).removeprefix("torch.") for t in _INT_DTYPES)
+        raise TypeError(f"{name} must be an integer tensor ({kinds}), got {idx.dtype}")
+    if device is not None and idx.device != torch.device(device):
+        raise ValueError(f"tensors must be on one device, got {name} on {idx.device}, codebook on {device}")
     if idx.numel():
-        lo, hi = int(idx.min()), int(idx.max())
+        lo, hi = torch.stack(torch.aminmax(idx)).tolist()  # one sync
         if lo < -1 or hi >= num_codes:
             raise IndexError(
                 f"{name} must lie in [0, {num_codes}) (or be -1 for no code), got values in [{lo}, {hi}]"

@@ -48,8 +48,13 @@ def _deterministic(flag: bool | None) -> bool:
 
 
 def _unit(t: torch.Tensor) -> torch.Tensor:
-    """l2-normalised rows in float32 (float64 stays float64): the cosine metric's vectors."""
-    return F.normalize(t.to(torch.promote_types(t.dtype, torch.float32)), dim=-1, eps=1e-12)
+    """l2-normalised rows in float32 (float64 stays float64): the cosine metric's vectors.
+
+    The norm is taken in float64: in float32 it overflows for entries past ~1e19 (a finite vector
+    would become a zero vector and silently take code 0) and underflows below ~1e-19.
+    """
+    out = F.normalize(t.to(torch.float64), dim=-1, eps=1e-12)
+    return out.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def assign(
@@ -96,8 +101,7 @@ def lookup(
     ``torch.are_deterministic_algorithms_enabled()``) makes it bitwise reproducible.
     """
     checks.codebook(codebook)
-    idx = checks.indices(indices, codebook.shape[0])
-    checks.same_device(indices=idx, codebook=codebook)
+    idx = checks.indices(indices, codebook.shape[0], device=codebook.device)
     name = choose(codebook, backend=backend)
     out = Lookup.apply(idx.reshape(-1), codebook, name, _deterministic(deterministic))
     return out.reshape(*idx.shape, codebook.shape[1])
@@ -171,10 +175,10 @@ def verify_assignment(
     """
     checks.codebook(codebook)
     checks.latents(z, codebook)
-    idx = checks.indices(indices, codebook.shape[0])
+    checks.choice("metric", metric, METRICS)
+    idx = checks.indices(indices, codebook.shape[0], device=codebook.device)
     if idx.shape != z.shape[:-1]:
         raise ValueError(f"indices must have shape z.shape[:-1] = {tuple(z.shape[:-1])}, got {tuple(idx.shape)}")
-    checks.same_device(indices=idx, codebook=codebook)
     best = assign(z, codebook, metric=metric, backend=backend)
     with torch.no_grad():
         zz, c = z.detach().to(torch.float64), codebook.detach().to(torch.float64)

@@ -121,12 +121,16 @@ def gather(idx: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
 def scatter_add(idx: torch.Tensor, rows: torch.Tensor, num_codes: int, *, deterministic: bool = False) -> torch.Tensor:
     """``out[k] = sum_{i: idx[i] = k} rows[i]`` into a ``[K, D]`` float32 (float64) buffer; -1 skipped.
 
-    ``index_add_`` is deterministic on the CPU, and on CUDA under ``torch.use_deterministic_algorithms``.
+    ``index_add_`` is deterministic on the CPU, and on CUDA only under ``torch.use_deterministic_algorithms``
+    (it uses atomics otherwise). ``deterministic=True`` on CUDA therefore takes ``index_put_(...,
+    accumulate=True)``, which on CUDA always runs the sort-based kernel that deterministic mode picks
+    for ``index_add_`` (on the CPU it is the other way round, so the CPU keeps ``index_add_``).
     """
-    del deterministic
     dt = acc_dtype(rows)
     keep = idx >= 0
     out = torch.zeros(num_codes, rows.shape[-1], dtype=dt, device=rows.device)
+    if deterministic and out.is_cuda:
+        return out.index_put_((idx[keep],), rows[keep].to(dt), accumulate=True)
     return out.index_add_(0, idx[keep], rows[keep].to(dt))
 
 
