@@ -460,7 +460,8 @@ def assign_fwd(z: torch.Tensor, codebook: torch.Tensor, *, precision: str = "exa
 
     mode = _MODES[precision]
     split = _auto_split(n, k, z.device) if split is None else split
-    if mode == 0 and split == 1 and _CERTIFIED_SEARCH:
+    # (The certified search counts its listed rows in int32.)
+    if mode == 0 and split == 1 and _CERTIFIED_SEARCH and n < 2**31:
         _assign_certified(z, codebook, idx, dist, z_q)
         return idx, dist, z_q
     if mode == 0:

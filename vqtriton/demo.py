@@ -82,9 +82,14 @@ def step_losses(model, x: torch.Tensor):
 
 
 def save_atomic(state: dict, path: str) -> None:
+    """Write a checkpoint whole or not at all: a temp file beside it, then an atomic rename."""
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def evaluate(model, held: torch.Tensor) -> dict:

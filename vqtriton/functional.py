@@ -43,18 +43,20 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 
-def _deterministic(flag: bool | None) -> bool:
+def deterministic_mode(flag: bool | None) -> bool:
+    """``flag``, or when None whether ``torch.use_deterministic_algorithms`` is on."""
     return torch.are_deterministic_algorithms_enabled() if flag is None else bool(flag)
 
 
-def _unit(t: torch.Tensor) -> torch.Tensor:
-    """l2-normalised rows in float32 (float64 stays float64): the cosine metric's vectors.
+def unit(t: torch.Tensor, dim: int = -1, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``t`` l2-normalised along ``dim`` (eps 1e-12, as ``F.normalize``): the cosine metric's vectors.
 
-    The norm is taken in float64: in float32 it overflows for entries past ~1e19 (a finite vector
-    would become a zero vector and silently take code 0) and underflows below ~1e-19.
+    Returned in ``dtype`` (default: ``t``'s, at least float32). The norm is taken in float64: in
+    float32 it overflows for entries past ~1e19 (a finite vector would become a zero vector and
+    silently take code 0) and underflows below ~1e-19. Differentiable.
     """
-    out = F.normalize(t.to(torch.float64), dim=-1, eps=1e-12)
-    return out.to(torch.promote_types(t.dtype, torch.float32))
+    out = F.normalize(t.to(torch.float64), dim=dim, eps=1e-12)
+    return out.to(dtype or torch.promote_types(t.dtype, torch.float32))
 
 
 def assign(
@@ -81,7 +83,7 @@ def assign(
     with torch.no_grad():
         zr, c = _rows(z.detach()), codebook.detach()
         if metric == "cosine":
-            zr, c = _unit(zr), _unit(c)
+            zr, c = unit(zr), unit(c)
         name = choose(zr, c, backend=backend)
         idx, dist, _ = ops(name).assign_fwd(zr, c, precision=precision)
     idx = idx.reshape(z.shape[:-1])
@@ -103,7 +105,7 @@ def lookup(
     checks.codebook(codebook)
     idx = checks.indices(indices, codebook.shape[0], device=codebook.device)
     name = choose(codebook, backend=backend)
-    out = Lookup.apply(idx.reshape(-1), codebook, name, _deterministic(deterministic))
+    out = Lookup.apply(idx.reshape(-1), codebook, name, deterministic_mode(deterministic))
     return out.reshape(*idx.shape, codebook.shape[1])
 
 
@@ -154,7 +156,7 @@ def quantize(
     zr = _rows(z).contiguous()
     name = choose(zr, codebook, backend=backend)
     z_q, idx, cb, cm, total = Quantize.apply(
-        zr, codebook.contiguous(), beta, reduction, precision, name, _deterministic(deterministic)
+        zr, codebook.contiguous(), beta, reduction, precision, name, deterministic_mode(deterministic)
     )
     return QuantizeResult(z_q.reshape(z.shape), idx.reshape(z.shape[:-1]), cb, cm, total)
 
@@ -183,7 +185,7 @@ def verify_assignment(
     with torch.no_grad():
         zz, c = z.detach().to(torch.float64), codebook.detach().to(torch.float64)
         if metric == "cosine":
-            zz, c = _unit(zz), _unit(c)
+            zz, c = unit(zz), unit(c)
         d_given = (zz - c[idx.clamp_min(0)]).square().sum(-1)
         d_best = (zz - c[best.clamp_min(0)]).square().sum(-1)
         return (idx >= 0) & (best >= 0) & (d_given <= d_best * (1.0 + CONTRACT_RTOL))

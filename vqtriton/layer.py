@@ -18,12 +18,11 @@ import math
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vqtriton import checks, distributed
 from vqtriton.backend import BACKENDS, choose, ops
-from vqtriton.functional import METRICS, PRECISIONS, assign, lookup, quantize
+from vqtriton.functional import METRICS, PRECISIONS, assign, deterministic_mode, lookup, quantize, unit
 
 __all__ = ["VectorQuantizer", "QuantizerBreakdown"]
 
@@ -80,6 +79,11 @@ def _breakdown(results: list, counts: list[torch.Tensor], reduction: str) -> Qua
     )
 
 
+def _finite_rows(x: torch.Tensor) -> torch.Tensor:
+    """The rows of ``x`` without a NaN or Inf: the only ones a code may be seeded from."""
+    return x[torch.isfinite(x).all(1)]
+
+
 def _pick(n_from: int, n: int, device) -> torch.Tensor:
     """``n`` distinct random positions in ``range(n_from)`` (``n <= n_from``)."""
     return torch.randperm(n_from, device=device)[:n]
@@ -124,6 +128,9 @@ class VectorQuantizer(nn.Module):
       averages its gradient); the loss and ``QuantizerBreakdown`` stay per rank.
     - ``reduction``: ``"mean"`` over the kept elements, or ``"sum"`` (the spec's squared norms).
     - ``precision``, ``backend``: passed to :func:`vqtriton.functional.quantize`.
+    - ``deterministic`` (``None``: follow ``torch.use_deterministic_algorithms``): bitwise reproducible
+      codebook gradients and EMA statistics.
+    - k-means and dead-code restarts seed codes only from rows that are all finite.
 
     The loss is computed in eval mode too; codebook updates (k-means, EMA, restarts) happen only in
     training mode. Under autocast the work runs in float32 (or the module's dtype, if wider).
@@ -148,6 +155,7 @@ class VectorQuantizer(nn.Module):
         reduction: str = "mean",
         precision: str = "exact",
         backend: str | None = None,
+        deterministic: bool | None = None,
     ):
         super().__init__()
         self.dim = checks.integer("dim", dim, 1)
@@ -173,6 +181,7 @@ class VectorQuantizer(nn.Module):
         self.reduction = checks.choice("reduction", reduction, REDUCTIONS)
         self.precision = checks.choice("precision", precision, PRECISIONS)
         self.backend = checks.choice("backend", backend, (None, *BACKENDS))
+        self.deterministic = checks.choice("deterministic", deterministic, (None, True, False))
 
         # One codebook per head, stacked, unless there is one head or one shared codebook.
         self.num_books = 1 if self.shared_codebook else self.heads
@@ -210,6 +219,7 @@ class VectorQuantizer(nn.Module):
         """
         reduction = self.reduction if reduction is None else checks.choice("reduction", reduction, REDUCTIONS)
         rows, lead = self._rows(z)
+        checks.same_device(z=z, codebook=self.codebook)
         keep = self._kept(mask, lead, z)
         # No autocast inside: assignment stays exact and statistics fp32 on every backend, torch included.
         with torch.autocast(z.device.type, enabled=False):
@@ -227,7 +237,10 @@ class VectorQuantizer(nn.Module):
             # The mean over no elements would be NaN: an empty batch (a rank's share, say) adds 0 instead.
             red = reduction if x.shape[0] else "sum"
             results = [
-                quantize(p, self._codes(b, p.dtype), self.beta, red, precision=self.precision, backend=self.backend)
+                quantize(
+                    p, self._codes(b, p.dtype), self.beta, red,
+                    precision=self.precision, backend=self.backend, deterministic=self.deterministic,
+                )
                 for b, p in enumerate(parts)
             ]
             losses = [r.loss if self.ema_decay is None else self.beta * r.commitment_loss for r in results]
@@ -326,7 +339,7 @@ class VectorQuantizer(nn.Module):
         return z_q, indices.reshape(*lead, *per_row)
 
     def _to_metric(self, t: torch.Tensor, dim: int = -1) -> torch.Tensor:
-        return F.normalize(t, dim=dim, eps=1e-12) if self.metric == "cosine" else t
+        return unit(t, dim, t.dtype) if self.metric == "cosine" else t
 
     # --- one codebook: the b-th of num_books ---------------------------------------------------
 
@@ -349,7 +362,7 @@ class VectorQuantizer(nn.Module):
         """Per-code counts (float32 ``[K]``) and, with ``sums``, float32 sums ``[K, d]`` of the rows ``x``."""
         x = x.detach().float().contiguous()
         launch = ops(choose(x, backend=self.backend)).code_stats
-        deterministic = torch.are_deterministic_algorithms_enabled()
+        deterministic = deterministic_mode(self.deterministic)
         return launch(indices, x if sums else None, self.num_codes, deterministic=deterministic)
 
     @torch.no_grad()
@@ -370,7 +383,7 @@ class VectorQuantizer(nn.Module):
         fewer rows than codes). Synchronised, the start is sampled on the rank with the most rows and
         every iteration sums the statistics over ranks. False when there was no row to start from."""
         k = self.num_codes
-        x = x.float()
+        x = _finite_rows(x.float())
         src, n = distributed.largest(x.shape[0], x.device) if sync else (None, x.shape[0])
         if n == 0:
             return False
@@ -418,6 +431,7 @@ class VectorQuantizer(nn.Module):
         dead = torch.nonzero(self._book(b).cluster_size < self.dead_code_threshold).squeeze(1)
         if dead.numel() == 0:
             return
+        x = _finite_rows(x)
         src, rows = distributed.largest(x.shape[0], x.device) if sync else (None, x.shape[0])
         n = min(dead.numel(), rows)
         if n == 0:
