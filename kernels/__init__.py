@@ -10,6 +10,7 @@ Launchers take 2-D ``[N, D]`` rows; checks of user input live in ``vqtriton.func
 """
 
 import triton
+import triton.language as tl
 from torch import Tensor
 
 from vqtriton.backend import interpreting
@@ -46,3 +47,12 @@ def tile_configs(tiles_warps: list[tuple[int, int]]) -> list:
 # BLOCK_N from the config's TILE and the launcher's BLOCK_D: the same tile size whatever D, so
 # narrow rows get many rows per program and wide rows do not spill registers.
 tile_rows = triton.heuristics({"BLOCK_N": lambda args: max(1, args["TILE"] // args["BLOCK_D"])})
+
+
+@triton.jit
+def row_tile(N, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Offsets (int64) and masks of this program's ``[BLOCK_N, BLOCK_D]`` tile of ``N x D`` rows:
+    programs ``(i_n, i_d)`` of a ``(cdiv(N, BLOCK_N), cdiv(D, BLOCK_D))`` grid."""
+    o_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    o_d = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)  # [BD]
+    return o_n, o_d, o_n < N, o_d < D

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from vqtriton.kernels import block_d, row_major, tile_configs, tile_rows
+from vqtriton.kernels import block_d, row_major, row_tile, tile_configs, tile_rows
 
 __all__ = ["gather", "scatter_add"]
 
@@ -42,12 +42,7 @@ def _gather_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    i_n = tl.program_id(0).to(tl.int64)
-    i_d = tl.program_id(1).to(tl.int64)
-    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
-    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)  # [BD]
-    m_n = o_n < N
-    m_d = o_d < D
+    o_n, o_d, m_n, m_d = row_tile(N, D, BLOCK_N, BLOCK_D)
     b_idx = tl.load(p_idx + o_n, mask=m_n, other=-1)  # [BN]
     # -1 rows load nothing and keep `other`: zeros, as the contract says.
     m_c = (b_idx >= 0)[:, None] & m_d[None, :]  # [BN, BD]
@@ -79,21 +74,17 @@ def _scatter_add_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    i_n = tl.program_id(0).to(tl.int64)
-    i_d = tl.program_id(1).to(tl.int64)
-    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
-    m_n = o_n < N
+    o_n, o_d, m_n, m_d = row_tile(N, D, BLOCK_N, BLOCK_D)
     b_idx = tl.load(p_idx + o_n, mask=m_n, other=-1)  # [BN]
     # -1 ("no code") and rows past N add nothing.
     m_k = b_idx >= 0  # [BN]
     if COUNT:
         # One count per row: only the programs of the first D tile count.
-        if i_d == 0:
+        if tl.program_id(1) == 0:
             b_one = tl.full([BLOCK_N], 1, dtype=tl.int32)  # [BN]
             tl.atomic_add(p_counts + b_idx, b_one, mask=m_k, sem="relaxed")
     if HAS_ROWS:
-        o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)  # [BD]
-        m = m_k[:, None] & (o_d < D)[None, :]  # [BN, BD]
+        m = m_k[:, None] & m_d[None, :]  # [BN, BD]
         b_x = tl.load(p_rows + o_n[:, None] * stride_rows + o_d[None, :], mask=m, other=0.0).to(tl.float32)
         tl.atomic_add(p_out + b_idx[:, None] * stride_out + o_d[None, :], b_x, mask=m, sem="relaxed")
 

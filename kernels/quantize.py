@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from vqtriton.kernels import block_d, row_major, tile_configs, tile_rows
+from vqtriton.kernels import block_d, row_major, row_tile, tile_configs, tile_rows
 from vqtriton.kernels.gather import scatter_add
 
 __all__ = ["quantize_backward"]
@@ -53,12 +53,8 @@ def _quantize_bwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    i_n = tl.program_id(0).to(tl.int64)
-    i_d = tl.program_id(1).to(tl.int64)
-    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
-    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)  # [BD]
-    m_n = o_n < N
-    m = m_n[:, None] & (o_d < D)[None, :]  # [BN, BD]
+    o_n, o_d, m_n, m_d = row_tile(N, D, BLOCK_N, BLOCK_D)
+    m = m_n[:, None] & m_d[None, :]  # [BN, BD]
     b_idx = tl.load(p_idx + o_n, mask=m_n, other=-1)  # [BN]
     # The contract has idx >= 0; a -1 row reads as gather does (a zero code) and adds to no code.
     m_c = m & (b_idx >= 0)[:, None]  # [BN, BD]

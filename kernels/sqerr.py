@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from vqtriton.kernels import block_d, row_major, tile_configs, tile_rows
+from vqtriton.kernels import block_d, row_major, row_tile, tile_configs, tile_rows
 
 __all__ = ["sqerr_rows", "sqerr_sum", "sqerr_backward"]
 
@@ -90,12 +90,8 @@ def _sqerr_bwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    i_n = tl.program_id(0).to(tl.int64)
-    i_d = tl.program_id(1).to(tl.int64)
-    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
-    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)  # [BD]
-    m_n = o_n < N
-    m = m_n[:, None] & (o_d < D)[None, :]  # [BN, BD]
+    o_n, o_d, m_n, m_d = row_tile(N, D, BLOCK_N, BLOCK_D)
+    m = m_n[:, None] & m_d[None, :]  # [BN, BD]
     b_a = tl.load(p_a + o_n[:, None] * stride_a + o_d[None, :], mask=m, other=0.0).to(tl.float32)
     b_b = tl.load(p_b + o_n[:, None] * stride_b + o_d[None, :], mask=m, other=0.0).to(tl.float32)
     if PER_ROW:
