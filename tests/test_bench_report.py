@@ -54,8 +54,10 @@ def test_report_mismatch_rates(report):
             assert r["mismatch"] is None, r
         else:
             assert 0.0 <= r["mismatch"] <= 1.0, r
-        if r["op"] == "assign" and r["provider"] == "vqtriton":
-            assert r["mismatch"] == 0.0
+        if r["op"] == "assign" and r["provider"].startswith("vqtriton"):
+            # Every vqtriton mode is exact on the CPU's torch path; the bf16-inputs row is judged
+            # against the argmin of the bf16 values it was given.
+            assert r["mismatch"] == 0.0, r
 
 
 def test_report_meta_and_table(report, capsys):
