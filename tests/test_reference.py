@@ -25,7 +25,7 @@ shapes = st.tuples(
 )
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, derandomize=True)
 @given(shapes, st.floats(0.0, 4.0))
 def test_theorem_loss_decomposes(shape, beta):
     """loss model beta x idx = reconstruction + codebook + beta * commitment (spec theorem)."""
@@ -47,7 +47,7 @@ def test_theorem_loss_decomposes(shape, beta):
     assert total == pytest.approx(direct, rel=1e-12, abs=1e-12)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, derandomize=True)
 @given(shapes)
 def test_theorem_quantized_is_embedding(shape):
     """quantized model idx = model.codebook.embedding idx (spec theorem), scalar and batched idx."""
@@ -65,7 +65,7 @@ def test_theorem_quantized_is_embedding(shape):
     assert np.array_equal(R.forward(model, x, idx), model.decoder(model.codebook[idx]))
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=30, deadline=None, derandomize=True)
 @given(shapes, st.floats(0.0, 2.0))
 def test_batched_equals_sum_of_single_vectors(shape, beta):
     obs, latent, k, lead, seed = shape
