@@ -77,6 +77,15 @@ def _round_bf16(b_x):
 
 
 @triton.jit
+def _dot_bf16(b_a, b_b, b_acc, EMULATE_BF16: tl.constexpr):
+    """``b_acc + b_a @ b_b`` for bf16 operands, fp32 accumulation: a tensor-core dot on a GPU; under
+    the interpreter the operands are fp32 holding bf16 values and the fp32 dot is the same arithmetic."""
+    if EMULATE_BF16:
+        return tl.dot(b_a, b_b, b_acc, input_precision="ieee")
+    return tl.dot(b_a, b_b, b_acc)
+
+
+@triton.jit
 def _search_exact(z_ptr, c_ptr, o_n, m_n, k_lo, k_hi, D, stride_z, stride_c,
                   GROUP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr):
     """Best key per row over codes [k_lo, k_hi): direct form sum_j (z_j - c_j)^2 in fp32.
@@ -148,9 +157,9 @@ def _search_dot(z_ptr, mean_ptr, cs_ptr, csq_ptr, o_n, m_n, k_lo, k_hi, D, strid
             if MODE == 1:
                 b_dot = tl.dot(b_z, b_ct, b_dot, input_precision="tf32")
             elif EMULATE_BF16:
-                b_dot = tl.dot(_round_bf16(b_z), _round_bf16(b_ct), b_dot, input_precision="ieee")
+                b_dot = _dot_bf16(_round_bf16(b_z), _round_bf16(b_ct), b_dot, True)
             else:
-                b_dot = tl.dot(b_z.to(tl.bfloat16), b_ct.to(tl.bfloat16), b_dot)
+                b_dot = _dot_bf16(b_z.to(tl.bfloat16), b_ct.to(tl.bfloat16), b_dot, False)
         b_csq = tl.load(csq_ptr + o_k, mask=m_k, other=0.0)  # [BK]
         b_d = b_zsq[:, None] + b_csq[None, :] - 2.0 * b_dot  # [BN, BK]
         # A NaN from neither a NaN row nor a NaN code (the launcher's NaN norm) is inf - inf overflow.
@@ -211,9 +220,9 @@ def _search_certify(z_ptr, mean_ptr, ch_ptr, cl_ptr, csq_ptr, cn_ptr, o_n, m_n, 
             o_c = o_k[None, :].to(tl.int64) * stride_cs + o_d[:, None]
             b_ch = tl.load(ch_ptr + o_c, mask=m_c, other=0.0)  # [BD, BK]
             b_cl = tl.load(cl_ptr + o_c, mask=m_c, other=0.0)  # [BD, BK]
-            b_dot = tl.dot(b_zh, b_ch, b_dot, input_precision="ieee")
-            b_dot = tl.dot(b_zh, b_cl, b_dot, input_precision="ieee")
-            b_dot = tl.dot(b_zl, b_ch, b_dot, input_precision="ieee")
+            b_dot = _dot_bf16(b_zh, b_ch, b_dot, EMULATE_BF16)
+            b_dot = _dot_bf16(b_zh, b_cl, b_dot, EMULATE_BF16)
+            b_dot = _dot_bf16(b_zl, b_ch, b_dot, EMULATE_BF16)
         b_csq = tl.load(csq_ptr + o_k, mask=m_k, other=0.0)  # [BK]
         b_cn = tl.load(cn_ptr + o_k, mask=m_k, other=0.0)  # [BK]
         b_d = b_zsq[:, None] + b_csq[None, :] - 2.0 * b_dot  # [BN, BK]
