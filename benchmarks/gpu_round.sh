@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One full round of what only a GPU shows, for a machine with CUDA and the project installed
+# (`pip install -e ".[dev]"`, or `python3 -m pip install --no-deps --no-build-isolation -e .`):
+# the GPU-only tests, the cross-check, the comparison report and the pytest-benchmark suites.
+# Usage: bash benchmarks/gpu_round.sh OUT_DIR   (logs, report.json/png and pytest-benchmark JSON)
+set -uo pipefail
+out="${1:?usage: bash benchmarks/gpu_round.sh OUT_DIR}"
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+py="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1
+status=0
+run() {  # name, command...: log to OUT_DIR/name.log, remember a failure, go on
+    local name="$1"; shift
+    echo "== $name: $*"
+    "$@" 2>&1 | tee "$out/$name.log" || status=1
+}
+"$py" -c "import torch, triton; print('card:', torch.cuda.get_device_name(0), '| torch', torch.__version__, '| triton', triton.__version__)" \
+    | tee "$out/versions.log"
+run gpu-tests "$py" -m pytest -q -p no:cacheprovider -m gpu tests
+run check "$py" -m vqtriton.cli check --device cuda
+run report "$py" -m vqtriton.cli bench --device cuda --out "$out"
+run suites "$py" -m pytest -q -p no:cacheprovider benchmarks --benchmark-columns=median,iqr,rounds \
+    --benchmark-sort=name --benchmark-json "$out/pytest-benchmark.json"
+exit $status
