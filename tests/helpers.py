@@ -14,6 +14,12 @@ def f64(t: torch.Tensor) -> np.ndarray:
     return t.detach().to("cpu", torch.float64).numpy().copy()
 
 
+def random_idx(n: int, k: int, device, *, masked: float = 0.1) -> torch.Tensor:
+    """Indices in [0, k) with duplicates, about ``masked`` of them -1 ("no code")."""
+    idx = torch.randint(0, k, (n,), device=device)
+    return torch.where(torch.rand(n, device=device) < masked, -1, idx)
+
+
 class PoisonedTorch:
     """Stands in for ``torch`` inside a kernel module: ``empty`` hands out poisoned buffers (NaN, or
     -7 for integers), so an output element a kernel forgets to write shows up."""

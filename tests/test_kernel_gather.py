@@ -11,7 +11,7 @@ import torch
 
 from vqtriton import torch_ops
 from vqtriton.kernels import gather as G
-from helpers import f64, poison as poison_modules, shape_id
+from helpers import f64, poison as poison_modules, random_idx, shape_id
 
 SHAPES = [(1000, 333, 47), (1, 1, 1), (0, 4, 3), (75, 1, 300), (17, 9, 2048), (37, 19, 1), (300, 7, 33)]
 LOW = [torch.float16, torch.bfloat16]
@@ -22,12 +22,6 @@ BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: 
 @pytest.fixture
 def poison(monkeypatch):
     poison_modules(monkeypatch, G)
-
-
-def random_idx(n, k, device, *, masked=0.1):
-    """Indices in [0, k) with duplicates, about ``masked`` of them -1."""
-    idx = torch.randint(0, k, (n,), device=device)
-    return torch.where(torch.rand(n, device=device) < masked, -1, idx)
 
 
 def ref_scatter(idx, rows, k):

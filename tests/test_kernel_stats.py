@@ -12,7 +12,7 @@ import torch
 from vqtriton import torch_ops
 from vqtriton.kernels import gather as G
 from vqtriton.kernels import stats as ST
-from helpers import f64, poison as poison_modules, shape_id
+from helpers import f64, poison as poison_modules, random_idx, shape_id
 
 SHAPES = [(1000, 333, 47), (1, 1, 1), (0, 4, 3), (75, 1, 300), (17, 9, 2048), (37, 19, 1), (300, 7, 33)]
 U32 = 2.0**-24
@@ -22,11 +22,6 @@ MODES = pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "
 @pytest.fixture
 def poison(monkeypatch):
     poison_modules(monkeypatch, G)
-
-
-def random_idx(n, k, device, *, masked=0.1):
-    idx = torch.randint(0, k, (n,), device=device)
-    return torch.where(torch.rand(n, device=device) < masked, -1, idx)
 
 
 def check_stats(idx, z, k, counts, sums):

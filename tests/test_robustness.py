@@ -26,16 +26,8 @@ from vqtriton.backend import ops
 from helpers import f64
 
 BACKENDS = ["torch", "triton"]
-LAUNCHERS = (
-    "assign_fwd",
-    "gather",
-    "scatter_add",
-    "sqerr_rows",
-    "sqerr_sum",
-    "sqerr_backward",
-    "code_stats",
-    "quantize_backward",
-)
+# Every launcher a backend has (torch_ops and the Triton kernels share these names).
+LAUNCHERS = torch_ops.__all__
 FLT_MAX = float(torch.finfo(torch.float32).max)
 CONTRACT = 2.0**-16
 # Relative and absolute tolerances of a value computed in fp32 and rounded once to the dtype. The
