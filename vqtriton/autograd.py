@@ -5,7 +5,8 @@ Each takes 2-D rows and a backend name (``"triton"`` or ``"torch"``, see :mod:`v
 
 - ``Lookup``: ``z_q = codebook[idx]``; the gradient scatters into the codebook.
 - ``SquaredError``: ``sum (a - b)^2`` per row, total or mean; gradients ``+-2 (a - b) g`` to both.
-- ``Quantize``: the fused VQ step. Forward: assign + gather + row squared errors (one launch).
+- ``Quantize``: the fused VQ step. Forward: the assign kernel, whose epilogue writes z_q and the
+  row squared errors (the distances to the chosen codes), then their sum.
   Backward (one launch): ``dz = g_zq + 2 s (g_commit + beta g_loss) (z - z_q)`` and
   ``dcodebook = scatter_idx 2 s (g_codebook + g_loss) (z_q - z)``: the straight-through output
   passes its gradient to ``z`` and none to the codebook, the commitment term trains only ``z``,
