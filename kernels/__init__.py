@@ -6,7 +6,8 @@
     stats.py     per-code counts and vector sums (EMA, k-means, usage)
     quantize.py  the fused VQ backward (straight-through + codebook + commitment terms)
 
-Launchers take 2-D ``[N, D]`` rows; checks of user input live in ``vqtriton.functional``.
+Launchers take 2-D ``[N, D]`` rows with any row stride (copied only when the last dim is not
+unit-stride: ``row_major``); checks of user input live in ``vqtriton.functional``.
 """
 
 import triton

@@ -126,6 +126,8 @@ def squared_error(
     checks.same_device(a=a, b=b)
     lead = a.shape[:-1] if a.dim() else ()
     ar, br = (_rows(a), _rows(b)) if a.dim() else (a.reshape(1, 1), b.reshape(1, 1))
+    # Contiguous rows: the launchers take any row stride, but the torch path's reductions would add in
+    # a layout-dependent order; this way a strided view gets the bits of its contiguous copy.
     out = SquaredError.apply(ar.contiguous(), br.contiguous(), reduction, choose(ar, br, backend=backend))
     return out.reshape(lead) if reduction == "none" else out
 
@@ -153,7 +155,7 @@ def quantize(
     checks.choice("reduction", reduction, ("sum", "mean"))
     checks.choice("precision", precision, PRECISIONS)
     beta = checks.real("beta", beta, lambda v: v >= 0, ">= 0")
-    zr = _rows(z).contiguous()
+    zr = _rows(z).contiguous()  # bitwise layout-independence, as in squared_error
     name = choose(zr, codebook, backend=backend)
     z_q, idx, cb, cm, total = Quantize.apply(
         zr, codebook.contiguous(), beta, reduction, precision, name, deterministic_mode(deterministic)
