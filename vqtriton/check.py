@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from vqtriton import reference as R
+from vqtriton.bench import sync
 
 # (N, K, D) per device: the interpreter is slow, so CPU shapes stay small.
 SHAPES = {
@@ -45,18 +46,17 @@ def _rel_err(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.max(np.abs(got - want)) / scale) if np.size(want) else 0.0
 
 
-def _timed(fn: Callable, device: str):
-    if device == "cuda":
-        torch.cuda.synchronize()
+def _timed(fn: Callable):
+    """``fn()`` and its wall time in ms, the device synchronised around it."""
+    sync()
     t0 = time.perf_counter()
     out = fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
+    sync()
     return out, (time.perf_counter() - t0) * 1e3
 
 
 def _check_assign(vqt, z, c, backend, device):
-    (idx, dist), ms = _timed(lambda: vqt.assign(z, c, return_distance=True, backend=backend), device)
+    (idx, dist), ms = _timed(lambda: vqt.assign(z, c, return_distance=True, backend=backend))
     d = R.squared_distances(_f64(z), _f64(c))
     ref = d.argmin(-1)
     agree = float(np.mean(idx.cpu().numpy() == ref)) if len(ref) else 1.0
@@ -67,7 +67,7 @@ def _check_assign(vqt, z, c, backend, device):
 def _check_lookup(vqt, z, c, backend, device):
     idx = torch.randint(0, c.shape[0], (z.shape[0],), device=device)
     cg = c.clone().requires_grad_()
-    out, ms = _timed(lambda: vqt.lookup(idx, cg, backend=backend), device)
+    out, ms = _timed(lambda: vqt.lookup(idx, cg, backend=backend))
     g = torch.randn_like(out)
     out.backward(g)
     expected = np.zeros(c.shape)
@@ -80,7 +80,7 @@ def _check_lookup(vqt, z, c, backend, device):
 def _check_squared_error(vqt, z, c, backend, device):
     b = torch.randn_like(z)
     a = z.clone().requires_grad_()
-    out, ms = _timed(lambda: vqt.squared_error(a, b, backend=backend), device)
+    out, ms = _timed(lambda: vqt.squared_error(a, b, backend=backend))
     out.backward()
     want = np.sum((_f64(z) - _f64(b)) ** 2)
     err = max(_rel_err(_f64(out), np.asarray(want)), _rel_err(_f64(a.grad), 2 * (_f64(z) - _f64(b))))
@@ -90,7 +90,7 @@ def _check_squared_error(vqt, z, c, backend, device):
 def _check_quantize(vqt, z, c, backend, device):
     beta = 0.25
     zg, cg = z.clone().requires_grad_(), c.clone().requires_grad_()
-    r, ms = _timed(lambda: vqt.quantize(zg, cg, beta, backend=backend), device)
+    r, ms = _timed(lambda: vqt.quantize(zg, cg, beta, backend=backend))
     g = torch.randn_like(zg)
     ((r.z_q * g).sum() + r.loss).backward()
     model = R.Model(lambda x: x, _f64(c), lambda q: q)
@@ -108,7 +108,7 @@ def _check_quantize(vqt, z, c, backend, device):
 
 def _check_verify(vqt, z, c, backend, device):
     idx = vqt.assign(z, c, backend=backend)
-    ok, ms = _timed(lambda: vqt.verify_assignment(z, c, idx, backend=backend), device)
+    ok, ms = _timed(lambda: vqt.verify_assignment(z, c, idx, backend=backend))
     frac = float(ok.float().mean()) if ok.numel() else 1.0
     return 0.0, frac, ms, frac == 1.0
 
@@ -123,7 +123,7 @@ def _check_vqvae_loss(vqt, z, c, backend, device):
         vq.codebook.copy_(c)
     model = vqt.VQVAE(enc, vq, dec)
     x = torch.randn(z.shape[0], obs, device=device)
-    out, ms = _timed(lambda: model.loss(x, beta=0.25), device)
+    out, ms = _timed(lambda: model.loss(x, beta=0.25))
     w_e, b_e = _f64(enc.weight), _f64(enc.bias)
     w_d, b_d = _f64(dec.weight), _f64(dec.bias)
     ref_model = R.Model(lambda v: v @ w_e.T + b_e, _f64(c), lambda q: q @ w_d.T + b_d)
