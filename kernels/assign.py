@@ -13,11 +13,16 @@ halves of a split launch:
 Exact mode has two searches. The plain one is the direct form sum_j (z_j - c_j)^2 on CUDA cores
 (``_search_exact``). The certified one (``_search_certify``, used when the code axis is not split)
 runs the expanded form on tensor cores with split-bf16 dots (z = z_hi + z_lo, three bf16 products:
-about fp32 accuracy), carries a rigorous bound B on each approximate distance, and keeps per row
+about fp32 accuracy), carries a rigorous bound on each approximate distance, and keeps per row
 the best code's upper bound and every other code's lowest lower bound. When the best code's upper
 bound is below all others' lower bounds, the best code is the true nearest one (strictly: exact
 ties never certify) and the row is finished on the spot; the few rows the bound cannot separate are
 appended to a list, and a second launch runs the plain direct-form search on just those rows.
+
+The tensor-core searches read operands made once per call by ``centre.py`` (rows centred on the
+codebook mean, already split into bf16 parts), so their inner loop is loads and dots only; per code
+tile they reduce fp32 ranks and int32 codes to the tile's best per row, and make the int64 key once
+per row at the end (no [BN, BK] block of 64-bit keys, which cost registers and instructions).
 
 When the code axis is split across programs (small N, large K), each search program writes its
 row minima to a ``[split, N]`` key buffer and a second, finish-only launch of the same kernel
@@ -34,6 +39,7 @@ import triton.language as tl
 
 from vqtriton.backend import interpreting
 from vqtriton.kernels import row_major, tune_configs
+from vqtriton.kernels.centre import centre_rows, centred_codebook
 
 __all__ = ["assign_fwd", "PRECISIONS"]
 
@@ -46,6 +52,8 @@ _CERTIFY = 3
 INF_BITS = tl.constexpr(0x7F800000)
 NAN_BITS = tl.constexpr(0x7FC00000)
 KEY_MAX = tl.constexpr(2**63 - 1)
+# A code index above every real one (int32): "no code yet".
+NO_CODE = tl.constexpr(2**31 - 1)
 # Chunks of BD summed into a partial before it joins the running total (two-level summation).
 _GROUP = 8
 # Block sizes of the finish-only launch (split > 1): it streams N rows of z and z_q once.
@@ -61,19 +69,6 @@ def _keys(b_d, o_k, m_k):
     b_bits = tl.where(b_nan, NAN_BITS, b_d.to(tl.int32, bitcast=True))  # [BN, BK]
     b_key = (b_bits.to(tl.int64) << 32) | o_k[None, :]  # [BN, BK]
     return tl.where(m_k[None, :], b_key, KEY_MAX)
-
-
-@triton.jit
-def _round_bf16(b_x):
-    """fp32 values rounded to the nearest bf16 (ties to even), kept in fp32.
-
-    The interpreter's ``.to(tl.bfloat16)`` truncates (and mishandles subnormals), so emulation
-    rounds on the bits; a tensor core multiplies bf16 exactly and accumulates in fp32, so an fp32
-    dot of these values is the same arithmetic as the bf16 dot on a GPU.
-    """
-    b_bits = b_x.to(tl.int32, bitcast=True)
-    b_rnd = (b_bits + 0x7FFF + ((b_bits >> 16) & 1)) & -65536
-    return tl.where(b_x == b_x, b_rnd.to(tl.float32, bitcast=True), b_x)
 
 
 @triton.jit
@@ -122,28 +117,27 @@ def _search_exact(z_ptr, c_ptr, o_n, m_n, k_lo, k_hi, D, stride_z, stride_c,
 
 
 @triton.jit
-def _load_centred(z_ptr, mean_ptr, o_n, m_n, o_d, m_d, stride_z):
-    """``z - mean`` for a ``[BN, BD]`` tile in fp32 (zero outside the masks)."""
-    b_z = tl.load(z_ptr + o_n[:, None] * stride_z + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0)
-    b_mean = tl.load(mean_ptr + o_d, mask=m_d, other=0.0)  # [BD]
-    return b_z.to(tl.float32) - b_mean[None, :]
+def _tile_best(b_a, o_k):
+    """Per row of a ``[BN, BK]`` block of NaN-free ranks: the minimum and the lowest code holding it."""
+    t_min = tl.min(b_a, axis=1)
+    t_code = tl.min(tl.where(b_a == t_min[:, None], o_k[None, :].to(tl.int32), NO_CODE), axis=1)
+    return t_min, t_code
 
 
 @triton.jit
-def _search_dot(z_ptr, mean_ptr, cs_ptr, csq_ptr, o_n, m_n, k_lo, k_hi, D, stride_z, stride_cs,
+def _search_dot(xh_ptr, xsq_ptr, ch_ptr, csq_ptr, aux_ptr, o_n, m_n, k_lo, k_hi, D, stride_x, stride_cs,
                 MODE: tl.constexpr, EMULATE_BF16: tl.constexpr,
                 BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr):
-    """Best key per row over codes [k_lo, k_hi) by the expanded form on centred vectors.
+    """Best key per row over codes [k_lo, k_hi) by the expanded form on centred vectors (tf32 / bf16).
 
-    d ~ |z - m|^2 + |c - m|^2 - 2 (z - m).(c - m), with m the codebook mean (distances are
-    translation-invariant; centring keeps the cancellation small) and the dot on tensor cores.
+    With x = z - m and y = c - m (``centre.py``), codes are ranked by a = |y|^2 - 2 x.y (|x|^2 is the
+    same for the whole row), the dot on tensor cores. Each code tile costs fp32 / int32 work only:
+    its minimum and lowest code, merged into the row's running best; the int64 key is made once per
+    row. Rows holding a NaN or Inf (|x|^2 not finite) fail: NaN for a NaN row or an all-NaN
+    codebook (``aux[0]``), else +Inf; non-finite codes have |y|^2 = +Inf and never win.
     """
-    b_zsq = tl.zeros([BN], dtype=tl.float32)
-    for d0 in range(0, D, BD):
-        o_d = d0 + tl.arange(0, BD)
-        b_z = _load_centred(z_ptr, mean_ptr, o_n, m_n, o_d, o_d < D, stride_z)  # [BN, BD]
-        b_zsq += tl.sum(b_z * b_z, axis=1)
-    b_best = tl.full([BN], KEY_MAX, tl.int64)
+    b_min = tl.full([BN], float("inf"), tl.float32)
+    b_code = tl.full([BN], NO_CODE, tl.int32)
     for k0 in range(k_lo, k_hi, BK):
         o_k = k0 + tl.arange(0, BK)
         m_k = o_k < k_hi
@@ -151,62 +145,62 @@ def _search_dot(z_ptr, mean_ptr, cs_ptr, csq_ptr, o_n, m_n, k_lo, k_hi, D, strid
         for d0 in range(0, D, BD):
             o_d = d0 + tl.arange(0, BD)
             m_d = o_d < D
-            b_z = _load_centred(z_ptr, mean_ptr, o_n, m_n, o_d, m_d, stride_z)  # [BN, BD]
-            p_ct = cs_ptr + o_k[None, :] * stride_cs + o_d[:, None]
-            b_ct = tl.load(p_ct, mask=m_d[:, None] & m_k[None, :], other=0.0)  # [BD, BK]
+            b_x = tl.load(xh_ptr + o_n[:, None] * stride_x + o_d[None, :], mask=m_n[:, None] & m_d[None, :],
+                          other=0.0)  # [BN, BD]
+            p_yt = ch_ptr + o_k[None, :].to(tl.int64) * stride_cs + o_d[:, None]
+            b_yt = tl.load(p_yt, mask=m_d[:, None] & m_k[None, :], other=0.0)  # [BD, BK]
             if MODE == 1:
-                b_dot = tl.dot(b_z, b_ct, b_dot, input_precision="tf32")
-            elif EMULATE_BF16:
-                b_dot = _dot_bf16(_round_bf16(b_z), _round_bf16(b_ct), b_dot, True)
+                b_dot = tl.dot(b_x, b_yt, b_dot, input_precision="tf32")
             else:
-                b_dot = _dot_bf16(b_z.to(tl.bfloat16), b_ct.to(tl.bfloat16), b_dot, False)
-        b_csq = tl.load(csq_ptr + o_k, mask=m_k, other=0.0)  # [BK]
-        b_d = b_zsq[:, None] + b_csq[None, :] - 2.0 * b_dot  # [BN, BK]
-        # A NaN from neither a NaN row nor a NaN code (the launcher's NaN norm) is inf - inf overflow.
-        m_over = (b_d != b_d) & (b_zsq == b_zsq)[:, None] & (b_csq == b_csq)[None, :]
-        b_d = tl.where(m_over, float("inf"), b_d)
-        b_best = tl.minimum(b_best, tl.min(_keys(b_d, o_k, m_k), axis=1))
-    return b_best
+                b_dot = _dot_bf16(b_x, b_yt, b_dot, EMULATE_BF16)
+        b_csq = tl.load(csq_ptr + o_k, mask=m_k, other=float("inf"))  # [BK] padding codes rank last
+        b_a = b_csq[None, :] - 2.0 * b_dot  # [BN, BK]
+        # NaN only from overflow (inf - inf): such a code never wins.
+        b_a = tl.where(b_a == b_a, b_a, float("inf"))
+        t_min, t_code = _tile_best(b_a, o_k)
+        m_take = t_min < b_min  # strict: among equal ranks the earlier tile's (lower) code stays
+        b_min = tl.where(m_take, t_min, b_min)
+        b_code = tl.where(m_take, t_code, b_code)
+    b_xsq = tl.load(xsq_ptr + o_n, mask=m_n, other=0.0)
+    # [BN] copies of aux[0] (a scalar would do on a GPU): 0 when every code holds a NaN.
+    b_all_nan = tl.load(aux_ptr + tl.zeros([BN], dtype=tl.int32)) == 0
+    m_ok = (b_min < float("inf")) & (b_xsq < float("inf"))
+    # The rank's int32 image in the same order (negative ranks are normal here; -0.0 as +0.0).
+    b_bits = tl.where(b_min == 0, 0.0, b_min).to(tl.int32, bitcast=True)
+    b_bits = tl.where(b_bits < 0, b_bits ^ 0x7FFFFFFF, b_bits)
+    b_bits = tl.where(m_ok, b_bits, tl.where((b_xsq != b_xsq) | b_all_nan, NAN_BITS, INF_BITS))
+    return (b_bits.to(tl.int64) << 32) | tl.where(m_ok, b_code, 0).to(tl.int64)
 
 
 @triton.jit
-def _split_bf16(b_x, EMULATE_BF16: tl.constexpr):
-    """``(hi, lo)``: bf16 parts of an fp32 block with ``x = hi + lo + r``, ``|r| <= 2^-16 |x|``.
+def _search_certify(xh_ptr, xl_ptr, xsq_ptr, ch_ptr, cl_ptr, csq_ptr, ce_ptr, aux_ptr, o_n, m_n, K, D,
+                    stride_x, stride_cs, bound_e, EMULATE_BF16: tl.constexpr,
+                    BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr):
+    """Best code per row by the split-bf16 expanded form, and whether the bound certifies it.
 
-    ``x - hi`` is exact in fp32 (``hi`` is ``x`` rounded to 8 significant bits). Under the
-    interpreter both parts stay fp32 (holding bf16 values: see ``_round_bf16``).
-    """
-    if EMULATE_BF16:
-        b_hi = _round_bf16(b_x)
-        return b_hi, _round_bf16(b_x - b_hi)
-    b_hi = b_x.to(tl.bfloat16)
-    return b_hi, (b_x - b_hi.to(tl.float32)).to(tl.bfloat16)
-
-
-@triton.jit
-def _search_certify(z_ptr, mean_ptr, ch_ptr, cl_ptr, csq_ptr, cn_ptr, o_n, m_n, K, D, stride_z, stride_cs,
-                    bound_c, EMULATE_BF16: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                    BD: tl.constexpr):
-    """Best key per row by the split-bf16 expanded form, and whether the bound certifies it.
-
-    With x = z - m and y = c - m centred on the codebook mean, a = |x|^2 + |y|^2 - 2 x.y with
+    With x = z - m and y = c - m centred on the codebook mean, a_j = |x|^2 + |y_j|^2 - 2 x.y_j with
     x.y ~ x_hi.y_hi + x_hi.y_lo + x_lo.y_hi (bf16 products are exact in fp32, the dropped terms are
-    <= 3.1 2^-16 |x_i||y_i|). Each a is within B = C (|x| + |y|)^2 of the exact direct-form distance
-    of the inputs, C = 3.5 2^-16 + 3.5 D 2^-23 (the launcher's ``bound_c``), which covers the
-    dropped products, fp32 accumulation of the 3D products and of both norms (with room for
-    truncating accumulators), the centring and the final additions. The row is certified when the
-    best code's a + B is below a - B of every other code.
+    <= 3.1 2^-16 |x_i||y_i|). Each a_j is within B_j = C (|x| + |y_j|)^2 of the exact direct-form
+    distance of the inputs, C = 3.5 2^-16 + 3.5 D 2^-23, which covers the dropped products, fp32
+    accumulation of the 3D products and of both norms (with room for truncating accumulators), the
+    centring and the final additions. As (|x| + |y|)^2 <= 2 (|x|^2 + |y|^2),
+    B_j <= E (|x|^2 + |y_j|^2) with E = 2 C (1 + 2^-6) (``bound_e``): the 2^-6 covers the computed
+    norms' round-off (<= D 2^-24) and that of the handful of fp32 operations of the test below
+    (<= 8 2^-24 (|x|^2 + |y|^2) in all, under 2^-8 of 2 C (|x|^2 + |y|^2)).
+
+    The launcher gives e_j = E |y_j|^2 per code (0 for a non-finite code, whose |y|^2 is +Inf). With
+    l_j = a_j - e_j, the best code b (least a, lowest index among equal) is certified when
+    ``a_b + e_b + 2 E |x|^2 < min_{j != b} l_j``, i.e. its upper bound a_b + B_b is below every other
+    code's lower bound a_j - B_j: b is the true nearest code, strictly (exact ties never certify).
+    Each tile costs fp32 / int32 work only: its minimum and lowest code, and the least l of its
+    other codes. Rows whose norms could overflow (|x|^2 + max |y|^2 >= 1e38: then every a_j of a
+    finite code is finite), and NaN or Inf rows, are never certified.
     """
-    b_zsq = tl.zeros([BN], dtype=tl.float32)
-    for d0 in range(0, D, BD):
-        o_d = d0 + tl.arange(0, BD)
-        b_z = _load_centred(z_ptr, mean_ptr, o_n, m_n, o_d, o_d < D, stride_z)  # [BN, BD]
-        b_zsq += tl.sum(b_z * b_z, axis=1)
-    b_zn = tl.sqrt(b_zsq)  # [BN]
-    b_best = tl.full([BN], KEY_MAX, tl.int64)
-    b_up = tl.full([BN], float("inf"), tl.float32)  # upper bound of the best code's distance
-    b_lo_best = tl.full([BN], float("inf"), tl.float32)  # its lower bound
-    b_lo_rest = tl.full([BN], float("inf"), tl.float32)  # lowest lower bound of every other code
+    b_xsq = tl.load(xsq_ptr + o_n, mask=m_n, other=0.0)
+    b_min = tl.full([BN], float("inf"), tl.float32)  # the best code's a ...
+    b_code = tl.full([BN], NO_CODE, tl.int32)  # ... its index ...
+    b_ebest = tl.zeros([BN], dtype=tl.float32)  # ... and its e
+    b_lrest = tl.full([BN], float("inf"), tl.float32)  # least l of every other code
     for k0 in range(0, K, BK):
         o_k = k0 + tl.arange(0, BK)
         m_k = o_k < K
@@ -214,37 +208,33 @@ def _search_certify(z_ptr, mean_ptr, ch_ptr, cl_ptr, csq_ptr, cn_ptr, o_n, m_n, 
         for d0 in range(0, D, BD):
             o_d = d0 + tl.arange(0, BD)
             m_d = o_d < D
-            b_zh, b_zl = _split_bf16(_load_centred(z_ptr, mean_ptr, o_n, m_n, o_d, m_d, stride_z), EMULATE_BF16)
-            m_c = m_d[:, None] & m_k[None, :]
+            p_x = o_n[:, None] * stride_x + o_d[None, :]
+            m_x = m_n[:, None] & m_d[None, :]
+            b_xh = tl.load(xh_ptr + p_x, mask=m_x, other=0.0)  # [BN, BD]
+            b_xl = tl.load(xl_ptr + p_x, mask=m_x, other=0.0)
             # int64: k0 runs in int32 here, and K * D may pass 2^31 elements.
-            o_c = o_k[None, :].to(tl.int64) * stride_cs + o_d[:, None]
-            b_ch = tl.load(ch_ptr + o_c, mask=m_c, other=0.0)  # [BD, BK]
-            b_cl = tl.load(cl_ptr + o_c, mask=m_c, other=0.0)  # [BD, BK]
-            b_dot = _dot_bf16(b_zh, b_ch, b_dot, EMULATE_BF16)
-            b_dot = _dot_bf16(b_zh, b_cl, b_dot, EMULATE_BF16)
-            b_dot = _dot_bf16(b_zl, b_ch, b_dot, EMULATE_BF16)
-        b_csq = tl.load(csq_ptr + o_k, mask=m_k, other=0.0)  # [BK]
-        b_cn = tl.load(cn_ptr + o_k, mask=m_k, other=0.0)  # [BK]
-        b_d = b_zsq[:, None] + b_csq[None, :] - 2.0 * b_dot  # [BN, BK]
-        b_r = b_zn[:, None] + b_cn[None, :]
-        b_bound = bound_c * b_r * b_r  # [BN, BK]
-        b_key = _keys(b_d, o_k, m_k)  # [BN, BK]
-        t_key = tl.min(b_key, axis=1)  # [BN]
-        m_best = b_key == t_key[:, None]  # [BN, BK] one code per row: the tile's best
-        # Lower bounds of NaN distances (NaN codes) and of padding codes rule nothing out.
-        b_low = b_d - b_bound
-        b_low = tl.where(m_k[None, :] & (b_low == b_low), b_low, float("inf"))
-        t_up = tl.min(tl.where(m_best, b_d + b_bound, float("inf")), axis=1)
-        t_lo_best = tl.min(tl.where(m_best, b_low, float("inf")), axis=1)
-        t_lo_rest = tl.min(tl.where(m_best, float("inf"), b_low), axis=1)
-        m_take = t_key < b_best
-        b_lo_rest = tl.where(m_take, tl.minimum(b_lo_rest, b_lo_best), tl.minimum(b_lo_rest, t_lo_best))
-        b_lo_rest = tl.minimum(b_lo_rest, t_lo_rest)
-        b_up = tl.where(m_take, t_up, b_up)
-        b_lo_best = tl.where(m_take, t_lo_best, b_lo_best)
-        b_best = tl.minimum(b_best, t_key)
-    # NaN rows, overflow and all-NaN codebooks fail the test (NaN compares false; inf < inf is false).
-    return b_best, b_up < b_lo_rest
+            p_yt = o_k[None, :].to(tl.int64) * stride_cs + o_d[:, None]
+            m_yt = m_d[:, None] & m_k[None, :]
+            b_yh = tl.load(ch_ptr + p_yt, mask=m_yt, other=0.0)  # [BD, BK]
+            b_yl = tl.load(cl_ptr + p_yt, mask=m_yt, other=0.0)
+            b_dot = _dot_bf16(b_xh, b_yh, b_dot, EMULATE_BF16)
+            b_dot = _dot_bf16(b_xh, b_yl, b_dot, EMULATE_BF16)
+            b_dot = _dot_bf16(b_xl, b_yh, b_dot, EMULATE_BF16)
+        b_csq = tl.load(csq_ptr + o_k, mask=m_k, other=float("inf"))  # [BK] padding: +Inf, e = 0
+        b_e = tl.load(ce_ptr + o_k, mask=m_k, other=0.0)
+        b_a = b_xsq[:, None] + b_csq[None, :] - 2.0 * b_dot  # [BN, BK]
+        t_min, t_code = _tile_best(b_a, o_k)
+        b_other = o_k[None, :] != t_code[:, None]  # [BN, BK]
+        t_lrest = tl.min(tl.where(b_other, b_a - b_e[None, :], float("inf")), axis=1)
+        t_e = tl.load(ce_ptr + t_code, mask=t_code < K, other=0.0)
+        m_take = t_min < b_min
+        # Whichever of the old best and the tile's best is not the best now joins the rest.
+        b_lrest = tl.minimum(tl.minimum(b_lrest, t_lrest), tl.where(m_take, b_min - b_ebest, t_min - t_e))
+        b_ebest = tl.where(m_take, t_e, b_ebest)
+        b_min = tl.where(m_take, t_min, b_min)
+        b_code = tl.where(m_take, t_code, b_code)
+    m_cert = (b_xsq + tl.load(aux_ptr + 1) < 1e38) & (b_min + b_ebest + 2.0 * bound_e * b_xsq < b_lrest)
+    return b_code.to(tl.int64), m_cert
 
 
 @triton.jit
@@ -293,9 +283,9 @@ def _finish(b_best, z_ptr, c_ptr, idx_ptr, dist_ptr, zq_ptr, o_n, m_n, D, stride
 
 
 @triton.jit
-def _assign_kernel(z_ptr, c_ptr, mean_ptr, cs_ptr, cl_ptr, csq_ptr, cn_ptr, key_ptr, idx_ptr, dist_ptr,
-                   zq_ptr, rows_ptr, count_ptr, N, K, D, stride_z, stride_c, stride_cs, stride_zq, split,
-                   n_bucket, bound_c,
+def _assign_kernel(z_ptr, c_ptr, xh_ptr, xl_ptr, xsq_ptr, ch_ptr, cl_ptr, csq_ptr, ce_ptr, aux_ptr,
+                   key_ptr, idx_ptr, dist_ptr, zq_ptr, rows_ptr, count_ptr,
+                   N, K, D, stride_z, stride_c, stride_x, stride_cs, stride_zq, split, n_bucket, bound_e,
                    MODE: tl.constexpr, EMULATE_BF16: tl.constexpr, SEARCH: tl.constexpr,
                    FINISH: tl.constexpr, RETURN_ZQ: tl.constexpr, ROWS: tl.constexpr,
                    GROUP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr):
@@ -309,8 +299,8 @@ def _assign_kernel(z_ptr, c_ptr, mean_ptr, cs_ptr, cl_ptr, csq_ptr, cn_ptr, key_
         m_n = o_n < tl.load(count_ptr)
         o_n = tl.load(rows_ptr + o_n, mask=m_n, other=0)
     if MODE == 3:
-        b_best, b_cert = _search_certify(z_ptr, mean_ptr, cs_ptr, cl_ptr, csq_ptr, cn_ptr, o_n, m_n, K, D,
-                                         stride_z, stride_cs, bound_c, EMULATE_BF16, BN, BK, BD)
+        b_best, b_cert = _search_certify(xh_ptr, xl_ptr, xsq_ptr, ch_ptr, cl_ptr, csq_ptr, ce_ptr, aux_ptr,
+                                         o_n, m_n, K, D, stride_x, stride_cs, bound_e, EMULATE_BF16, BN, BK, BD)
         # Rows the bound cannot separate go to the plain direct-form search (second launch).
         m_retry = m_n & ~b_cert
         b_slot = tl.atomic_add(count_ptr + tl.zeros([BN], dtype=tl.int32), 1, mask=m_retry)
@@ -327,8 +317,8 @@ def _assign_kernel(z_ptr, c_ptr, mean_ptr, cs_ptr, cl_ptr, csq_ptr, cn_ptr, key_
                 b_best = _search_exact(z_ptr, c_ptr, o_n, m_n, k_lo, k_hi, D, stride_z, stride_c,
                                        GROUP, BN, BK, BD)
             else:
-                b_best = _search_dot(z_ptr, mean_ptr, cs_ptr, csq_ptr, o_n, m_n, k_lo, k_hi, D,
-                                     stride_z, stride_cs, MODE, EMULATE_BF16, BN, BK, BD)
+                b_best = _search_dot(xh_ptr, xsq_ptr, ch_ptr, csq_ptr, aux_ptr, o_n, m_n, k_lo, k_hi, D,
+                                     stride_x, stride_cs, MODE, EMULATE_BF16, BN, BK, BD)
             if not FINISH:
                 tl.store(key_ptr + i_s * N + o_n, b_best, mask=m_n)
         else:
@@ -363,14 +353,17 @@ _assign_exact = triton.autotune(
 )(_assign_kernel)
 
 # Tensor-core tiles (every block dim >= 16 for tl.dot), for the tf32 / bf16 modes and the
-# certified exact search.
+# certified exact search. Chosen from the compiled sm_90 code (benchmarks/resources.py, no GPU
+# needed): none spills registers with triton 3.6 or 3.9 in any mode; BD = 64, BK = 256 and
+# BN = 32 tiles did in some. BN >= 64 per 4 warps issues wgmma (HGMMA); the BN = 16 tile, for
+# small N, runs mma.sync (HMMA). Which is fastest is the autotuner's call on the GPU.
 _DOT_CONFIGS = [
     triton.Config({"BN": 64, "BK": 64, "BD": 32}, num_warps=4, num_stages=3),
-    triton.Config({"BN": 128, "BK": 64, "BD": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BN": 128, "BK": 64, "BD": 32}, num_warps=8, num_stages=3),
     triton.Config({"BN": 64, "BK": 128, "BD": 32}, num_warps=4, num_stages=3),
     triton.Config({"BN": 128, "BK": 128, "BD": 32}, num_warps=8, num_stages=3),
-    triton.Config({"BN": 32, "BK": 64, "BD": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BN": 16, "BK": 128, "BD": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BN": 128, "BK": 128, "BD": 32}, num_warps=8, num_stages=4),
+    triton.Config({"BN": 16, "BK": 128, "BD": 32}, num_warps=4, num_stages=3),
 ]
 _DOT_INTERPRETER = triton.Config({"BN": 128, "BK": 64, "BD": 64})
 
@@ -406,23 +399,6 @@ def _auto_split(n: int, k: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(2 * sms, row_blocks), triton.cdiv(k, 512)))
 
 
-def _centred_codebook(codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Codebook mean ``[D]``, centred codes ``[K, D]`` and their squared norms ``[K]``, all fp32.
-
-    The mean is over the finite codes (so one NaN code cannot poison the rest); non-finite codes
-    become zero vectors with norm NaN (a NaN in the code) or +Inf, so they lose to every finite code.
-    """
-    c = codebook.to(torch.float32)
-    usable = torch.isfinite(c).all(1)  # [K]
-    # Summed in float64: a codebook of huge finite values must not overflow its mean.
-    total = torch.where(usable[:, None], c, 0.0).sum(0, dtype=torch.float64)
-    mean = (total / usable.sum().clamp_min(1)).to(torch.float32)
-    cs = torch.where(usable[:, None], c - mean, 0.0).contiguous()
-    bad_sq = torch.where(torch.isnan(c).any(1), float("nan"), float("inf"))
-    csq = torch.where(usable, cs.square().sum(1), bad_sq)
-    return mean, cs, csq
-
-
 def assign_fwd(z: torch.Tensor, codebook: torch.Tensor, *, precision: str = "exact",
                return_zq: bool = False, split: int | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -442,7 +418,8 @@ def assign_fwd(z: torch.Tensor, codebook: torch.Tensor, *, precision: str = "exa
       the direct-form search does all rows. ``"tf32"`` / ``"bf16"``: expanded-form search on vectors
       centred on the codebook mean with the dot on tensor cores; each approximate distance is within
       ``2 (2u + u^2) |z - m| |c - m|`` (+ fp32 round-off) of the true one, u = 2^-10 (tf32, truncating)
-      or 2^-8 (bf16), so the chosen code is within twice that of the minimum.
+      or 2^-8 (bf16), so the chosen code is within twice that of the minimum. Their operands are
+      made once per call (``centre.py``): an extra ``[N, D]`` buffer, fp32 (tf32) or bf16.
     - Rows whose minimum distance is not finite (a NaN or Inf in the row, fp32 overflow, or only
       non-finite codes) get ``idx = -1``, ``dist`` NaN when the best distance is NaN (the row holds
       a NaN, or every code holds one) else +Inf, and a zero ``z_q`` row (as ``gather`` writes -1).
@@ -473,15 +450,18 @@ def assign_fwd(z: torch.Tensor, codebook: torch.Tensor, *, precision: str = "exa
     if mode == 0 and split == 1 and _CERTIFIED_SEARCH and n < 2**31:
         _assign_certified(z, codebook, idx, dist, z_q)
         return idx, dist, z_q
-    if mode == 0:
-        mean, cs, csq = dist, codebook, dist  # unused by the exact search
-    else:
-        mean, cs, csq = _centred_codebook(codebook)
     zq_arg = z_q if return_zq else dist
     keys = torch.empty(split, n, dtype=torch.int64, device=z.device) if split > 1 else idx
-    args = (z, codebook, mean, cs, cs, csq, csq, keys, idx, dist, zq_arg, idx, idx,
-            n, k, d, z.stride(0), codebook.stride(0), cs.stride(0), d, split,
-            triton.next_power_of_2(n), 0.0)
+    if mode == 0:
+        # The direct-form search reads z and the codebook only (the other pointers are unused).
+        x = cb = None
+        operands = (z, z, dist, codebook, codebook, dist, dist, dist)
+    else:
+        cb = centred_codebook(codebook, parts=mode)
+        x, _, xsq = centre_rows(z, cb.mean, parts=mode)
+        operands = (x, x, xsq, cb.hi, cb.hi, cb.sq, cb.sq, cb.aux)
+    args = (z, codebook, *operands, keys, idx, dist, zq_arg, idx, idx,
+            n, k, d, z.stride(0), codebook.stride(0), d, d, d, split, triton.next_power_of_2(n), 0.0)
     flags = dict(MODE=mode, EMULATE_BF16=interpreting(), RETURN_ZQ=return_zq, ROWS=False, GROUP=_GROUP)
     launch = _assign_exact if mode == 0 else _assign_dot
 
@@ -498,33 +478,28 @@ def assign_fwd(z: torch.Tensor, codebook: torch.Tensor, *, precision: str = "exa
 
 
 def _certify_bound(d: int) -> float:
-    """C of the certified search's bound B = C (|z - m| + |c - m|)^2 (see _search_certify)."""
-    return 3.5 * 2.0**-16 + 3.5 * d * 2.0**-23
+    """E of the certified search's bound B_j <= E (|x|^2 + |y_j|^2) (see _search_certify)."""
+    return 2.0 * (3.5 * 2.0**-16 + 3.5 * d * 2.0**-23) * (1.0 + 2.0**-6)
 
 
 def _assign_certified(z, codebook, idx, dist, z_q) -> torch.Tensor:
-    """Exact assignment in two launches: the certified split-bf16 search finishes every row its
-    bound separates and lists the others, then the direct-form search finishes the listed rows.
+    """Exact assignment in two launches (after the operands' own): the certified split-bf16 search
+    finishes every row its bound separates and lists the others, then the direct-form search
+    finishes the listed rows.
 
     Writes ``idx``, ``dist`` and ``z_q`` (when not None); returns the number of listed rows (int32
     ``[1]`` on the device, for tests and tuning)."""
     n, d = z.shape
     k = codebook.shape[0]
-    mean, cs, csq = _centred_codebook(codebook)
-    # The codes' bf16 parts, made once per call. The interpreter keeps them in fp32 (it mis-converts
-    # bf16 subnormals on load); a GPU reads half the bytes.
-    hi = cs.to(torch.bfloat16)
-    lo = (cs - hi.float()).to(torch.bfloat16)
-    if interpreting():
-        hi, lo = hi.float(), lo.float()
-    cn = csq.sqrt()
+    bound_e = _certify_bound(d)
+    cb = centred_codebook(codebook, parts=3, bound_e=bound_e)
+    xh, xl, xsq = centre_rows(z, cb.mean, parts=3)
     rows = torch.empty(n, dtype=torch.int64, device=z.device)
     count = torch.zeros(1, dtype=torch.int32, device=z.device)
     return_zq = z_q is not None
     zq_arg = z_q if return_zq else dist
-    common = (z, codebook, mean, hi, lo, csq, cn, idx, idx, dist, zq_arg, rows, count,
-              n, k, d, z.stride(0), codebook.stride(0), hi.stride(0), d, 1,
-              triton.next_power_of_2(n), _certify_bound(d))
+    common = (z, codebook, xh, xl, xsq, cb.hi, cb.lo, cb.sq, cb.ce, cb.aux, idx, idx, dist, zq_arg, rows, count,
+              n, k, d, z.stride(0), codebook.stride(0), d, d, d, 1, triton.next_power_of_2(n), bound_e)
     flags = dict(EMULATE_BF16=interpreting(), SEARCH=True, FINISH=True, RETURN_ZQ=return_zq, GROUP=_GROUP)
 
     def grid(meta):
