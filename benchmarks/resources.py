@@ -175,6 +175,10 @@ def _calls():
             for g in (torch.tensor(1.0), torch.ones(300)):
                 yield (f"sqerr_backward {tag} grad={tuple(g.shape)}",
                        lambda z=z, c=zc, g=g: sqerr.sqerr_backward(z, c, g))
+    # D = 8: the tensor-core tiles shrink to BD = 16 (assign._fit_bd).
+    for precision in assign.PRECISIONS:
+        yield (f"assign_fwd D=8 {precision} split=1",
+               lambda p=precision: assign.assign_fwd(t(300, 8), t(50, 8), precision=p, split=1))
     # The plain direct-form search without a split (the certified search's fallback, and rows >= 2^31).
     yield "assign_fwd D=37 exact split=1 plain search", _plain_search
 

@@ -367,12 +367,27 @@ _DOT_CONFIGS = [
 ]
 _DOT_INTERPRETER = triton.Config({"BN": 128, "BK": 64, "BD": 64})
 
-_assign_dot = triton.autotune(configs=tune_configs(_DOT_CONFIGS, _DOT_INTERPRETER), key=_KEY)(_assign_kernel)
+
+def _fit_bd(configs, named_args, **kwargs):
+    """The tensor-core configs with BD cut to D (at least 16, tl.dot's least K): for D = 8 a
+    BD = 32 tile would multiply zeros for three quarters of every dot."""
+    cap = max(16, triton.next_power_of_2(named_args["D"]))
+    fitted = {}
+    for c in configs:
+        kw = {**c.kwargs, "BD": min(c.kwargs["BD"], cap)}
+        fitted.setdefault((tuple(sorted(kw.items())), c.num_warps, c.num_stages),
+                          triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages))
+    return list(fitted.values())
+
+
+_assign_dot = triton.autotune(configs=tune_configs(_DOT_CONFIGS, _DOT_INTERPRETER), key=_KEY,
+                              prune_configs_by={"early_config_prune": _fit_bd})(_assign_kernel)
 
 # Every timing run of the certified search lists its uncertified rows again: the autotuner zeroes
 # the row count before each run.
 _assign_certify = triton.autotune(
-    configs=tune_configs(_DOT_CONFIGS, _DOT_INTERPRETER), key=_KEY, reset_to_zero=["count_ptr"]
+    configs=tune_configs(_DOT_CONFIGS, _DOT_INTERPRETER), key=_KEY, reset_to_zero=["count_ptr"],
+    prune_configs_by={"early_config_prune": _fit_bd},
 )(_assign_kernel)
 
 
