@@ -109,35 +109,47 @@ def centre_rows(z: torch.Tensor, mean: torch.Tensor, parts: int
 
 
 @triton.jit
-def _codebook_scan_kernel(c_ptr, part_ptr, flag_ptr, aux_ptr, K, D, stride_c, stride_part,
+def _codebook_scan_kernel(c_ptr, part_ptr, flag_ptr, aux_ptr, K, D, rows_per, stride_c, stride_part,
                           BK: tl.constexpr, BD: tl.constexpr):
-    """Pass 1, one program per BK codes: each code's flag (0 finite, 1 holds an Inf but no NaN,
-    2 holds a NaN) and the program's float64 column sums of its finite codes, with their count in
-    column D (a ``[programs, D + 1]`` buffer that pass 2 sums in a fixed order, so the mean's bits
-    never depend on scheduling). Program 0 also initialises pass 2's atomic maxima."""
-    i_k = tl.program_id(0)
-    o_k = i_k * BK + tl.arange(0, BK)
-    m_k = o_k < K
-    b_nan = tl.zeros([BK], dtype=tl.int32)
-    b_inf = tl.zeros([BK], dtype=tl.int32)
-    for d0 in range(0, D, BD):
-        o_d = d0 + tl.arange(0, BD)
-        b_c = tl.load(c_ptr + o_k[:, None].to(tl.int64) * stride_c + o_d[None, :],
-                      mask=m_k[:, None] & (o_d < D)[None, :], other=0.0).to(tl.float32)  # [BK, BD]
-        b_nan = tl.maximum(b_nan, tl.max((b_c != b_c).to(tl.int32), axis=1))
-        b_inf = tl.maximum(b_inf, tl.max((tl.abs(b_c) == float("inf")).to(tl.int32), axis=1))
-    b_flag = tl.where(b_nan > 0, 2, b_inf)
-    tl.store(flag_ptr + o_k, b_flag, mask=m_k)
-    m_use = m_k & (b_flag == 0)
-    p_part = part_ptr + i_k * stride_part
+    """Pass 1, one program per ``rows_per`` codes (a multiple of BK): each code's flag (0 finite,
+    1 holds an Inf but no NaN, 2 holds a NaN) and the program's float64 column sums of its finite
+    codes, with their count in column D (a ``[programs, D + 1]`` buffer that pass 2 sums in a fixed
+    order, so the mean's bits never depend on scheduling). Program 0 also initialises pass 2's
+    atomic maxima."""
+    i_p = tl.program_id(0)
+    k_lo = i_p * rows_per
+    k_hi = tl.minimum(k_lo + rows_per, K)
+    for k0 in range(k_lo, k_hi, BK):
+        o_k = k0 + tl.arange(0, BK)
+        m_k = o_k < k_hi
+        b_nan = tl.zeros([BK], dtype=tl.int32)
+        b_inf = tl.zeros([BK], dtype=tl.int32)
+        for d0 in range(0, D, BD):
+            o_d = d0 + tl.arange(0, BD)
+            b_c = tl.load(c_ptr + o_k[:, None].to(tl.int64) * stride_c + o_d[None, :],
+                          mask=m_k[:, None] & (o_d < D)[None, :], other=0.0).to(tl.float32)  # [BK, BD]
+            b_nan = tl.maximum(b_nan, tl.max((b_c != b_c).to(tl.int32), axis=1))
+            b_inf = tl.maximum(b_inf, tl.max((tl.abs(b_c) == float("inf")).to(tl.int32), axis=1))
+        tl.store(flag_ptr + o_k, tl.where(b_nan > 0, 2, b_inf), mask=m_k)
+    # The flags written above are read back by other threads of this program.
+    tl.debug_barrier()
+    p_part = part_ptr + i_p * stride_part
+    b_count = tl.zeros([BK], dtype=tl.float64)
     for d0 in range(0, D, BD):
         o_d = d0 + tl.arange(0, BD)
         m_d = o_d < D
-        b_c = tl.load(c_ptr + o_k[:, None].to(tl.int64) * stride_c + o_d[None, :],
-                      mask=m_use[:, None] & m_d[None, :], other=0.0).to(tl.float64)
-        tl.store(p_part + o_d, tl.sum(b_c, axis=0), mask=m_d)
-    tl.store(p_part + D, tl.sum(m_use.to(tl.float64), axis=0))
-    if i_k == 0:
+        b_sum = tl.zeros([BD], dtype=tl.float64)
+        for k0 in range(k_lo, k_hi, BK):
+            o_k = k0 + tl.arange(0, BK)
+            m_use = (tl.load(flag_ptr + o_k, mask=o_k < k_hi, other=1) == 0)  # [BK]
+            b_c = tl.load(c_ptr + o_k[:, None].to(tl.int64) * stride_c + o_d[None, :],
+                          mask=m_use[:, None] & m_d[None, :], other=0.0).to(tl.float64)
+            b_sum += tl.sum(b_c, axis=0)
+            if d0 == 0:
+                b_count += m_use.to(tl.float64)
+        tl.store(p_part + o_d, b_sum, mask=m_d)
+    tl.store(p_part + D, tl.sum(b_count, axis=0))
+    if i_p == 0:
         tl.store(aux_ptr, 0.0)
         tl.store(aux_ptr + 1, -float("inf"))
 
@@ -193,8 +205,10 @@ def _codebook_parts_kernel(c_ptr, part_ptr, flag_ptr, mean_ptr, hi_ptr, lo_ptr, 
     tl.atomic_max(aux_ptr + 1, tl.max(tl.where(m_use, b_sq, -float("inf")), axis=0))
 
 
-# Codes per program of the two codebook passes, their D tile, and pass 2's block of partial rows.
-_SCAN_BK, _PARTS_BK, _CODEBOOK_BD, _BP = 256, 64, 64, 16
+# Pass 1's row block and its most programs (every pass-2 program reads all of pass 1's partial
+# rows: a cap keeps that cost linear in K), pass 2's row block, the D tile, and pass 2's block of
+# partial rows.
+_SCAN_BK, _SCAN_PROGRAMS, _PARTS_BK, _CODEBOOK_BD, _BP = 256, 64, 64, 64, 16
 
 
 class Codebook(NamedTuple):
@@ -221,13 +235,14 @@ def centred_codebook(codebook: torch.Tensor, parts: int, bound_e: float = 0.0) -
     """
     k, d = codebook.shape
     dev = codebook.device
-    scan_programs = triton.cdiv(k, _SCAN_BK)
+    rows_per = _SCAN_BK * triton.cdiv(triton.cdiv(k, _SCAN_BK), _SCAN_PROGRAMS)
+    scan_programs = triton.cdiv(k, rows_per)
     part = torch.empty(scan_programs, d + 1, dtype=torch.float64, device=dev)
     flag = torch.empty(k, dtype=torch.int32, device=dev)
     aux = torch.empty(2, dtype=torch.float32, device=dev)
     bd = block_d(d, _CODEBOOK_BD)
-    _codebook_scan_kernel[(scan_programs,)](codebook, part, flag, aux, k, d, codebook.stride(0), part.stride(0),
-                                            BK=_SCAN_BK, BD=bd)
+    _codebook_scan_kernel[(scan_programs,)](codebook, part, flag, aux, k, d, rows_per, codebook.stride(0),
+                                            part.stride(0), BK=_SCAN_BK, BD=bd)
     dtype = _part_dtype(parts)
     mean = torch.empty(d, dtype=torch.float32, device=dev)
     hi = torch.empty(k, d, dtype=dtype, device=dev)
