@@ -18,6 +18,20 @@ run() {  # name, command...: log to OUT_DIR/name.log, remember a failure, go on
 "$py" -c "import torch, triton; print('card:', torch.cuda.get_device_name(0), '| torch', torch.__version__, '| triton', triton.__version__)" \
     | tee "$out/versions.log"
 run gpu-tests "$py" -m pytest -q -p no:cacheprovider -m gpu tests
+# How many rows the certified exact search leaves to the direct-form search on real tensor cores
+# (0.5-3 % of N(0, 1) rows under the interpreter's emulation): the exact path's speed depends on it.
+run certified "$py" - <<'PY'
+import torch
+from vqtriton.kernels.assign import _assign_certified
+for n, k, d in [(32768, 1024, 256), (65536, 1024, 128), (65536, 16384, 8), (65536, 8192, 256), (262144, 4096, 64)]:
+    for offset in (0.0, 100.0):
+        z = torch.randn(n, d, device="cuda") + offset
+        c = torch.randn(k, d, device="cuda") + offset
+        idx = torch.empty(n, dtype=torch.int64, device="cuda")
+        dist = torch.empty(n, device="cuda")
+        listed = int(_assign_certified(z, c, idx, dist, None))
+        print(f"N{n}-K{k}-D{d} offset {offset:g}: {listed} rows listed ({100 * listed / n:.2f} %)")
+PY
 run check "$py" -m vqtriton.cli check --device cuda
 run report "$py" -m vqtriton.cli bench --device cuda --out "$out"
 run suites "$py" -m pytest -q -p no:cacheprovider benchmarks --benchmark-columns=median,iqr,rounds \

@@ -476,7 +476,8 @@ def assign_fwd(z: torch.Tensor, codebook: torch.Tensor, *, precision: str = "exa
         x, _, xsq = centre_rows(z, cb.mean, parts=mode)
         operands = (x, x, xsq, cb.hi, cb.hi, cb.sq, cb.sq, cb.aux)
     args = (z, codebook, *operands, keys, idx, dist, zq_arg, idx, idx,
-            n, k, d, z.stride(0), codebook.stride(0), d, d, d, split, triton.next_power_of_2(n), 0.0)
+            n, k, d, z.stride(0), codebook.stride(0), d if x is None else x.stride(0),
+            d if cb is None else cb.hi.stride(0), d, split, triton.next_power_of_2(n), 0.0)
     flags = dict(MODE=mode, EMULATE_BF16=interpreting(), RETURN_ZQ=return_zq, ROWS=False, GROUP=_GROUP)
     launch = _assign_exact if mode == 0 else _assign_dot
 
@@ -514,7 +515,8 @@ def _assign_certified(z, codebook, idx, dist, z_q) -> torch.Tensor:
     return_zq = z_q is not None
     zq_arg = z_q if return_zq else dist
     common = (z, codebook, xh, xl, xsq, cb.hi, cb.lo, cb.sq, cb.ce, cb.aux, idx, idx, dist, zq_arg, rows, count,
-              n, k, d, z.stride(0), codebook.stride(0), d, d, d, 1, triton.next_power_of_2(n), bound_e)
+              n, k, d, z.stride(0), codebook.stride(0), xh.stride(0), cb.hi.stride(0), d, 1,
+              triton.next_power_of_2(n), bound_e)
     flags = dict(EMULATE_BF16=interpreting(), SEARCH=True, FINISH=True, RETURN_ZQ=return_zq, GROUP=_GROUP)
 
     def grid(meta):

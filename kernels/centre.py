@@ -90,20 +90,27 @@ def _part_dtype(parts: int) -> torch.dtype:
     return torch.float32 if parts == 1 or interpreting() else torch.bfloat16
 
 
+def _parts_buffer(rows: int, d: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An ``[rows, d]`` view whose row stride is a multiple of 16 elements: the searches' loads of
+    it vectorise whatever D is (with D = 37, say, the compiled certified search needed every
+    register and spilled; padded, it does not). The padding is never read."""
+    return torch.empty(rows, 16 * triton.cdiv(d, 16), dtype=dtype, device=device)[:, :d]
+
+
 def centre_rows(z: torch.Tensor, mean: torch.Tensor, parts: int
                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """``(hi, lo, sq)`` of ``x = z - mean`` for rows ``z [N, D]`` (unit stride in D), one launch.
 
-    ``hi [N, D]``: ``x`` itself (``parts = 1``, fp32) or its bf16 part; ``lo [N, D]`` the bf16
+    ``hi [N, D]`` (row stride a multiple of 16, as every part here): ``x`` itself (``parts = 1``, fp32) or its bf16 part; ``lo [N, D]`` the bf16
     remainder when ``parts = 3`` (else None); ``sq [N]`` fp32 ``|x|^2`` (NaN / Inf for rows holding
     one, so the searches can fail those rows without looking at them)."""
     n, d = z.shape
     dtype = _part_dtype(parts)
-    hi = torch.empty(n, d, dtype=dtype, device=z.device)
-    lo = torch.empty(n, d, dtype=dtype, device=z.device) if parts == 3 else None
+    hi = _parts_buffer(n, d, dtype, z.device)
+    lo = _parts_buffer(n, d, dtype, z.device) if parts == 3 else None
     sq = torch.empty(n, dtype=torch.float32, device=z.device)
     _centre_kernel[(triton.cdiv(n, _CENTRE_BN),)](
-        z, mean, hi, hi if lo is None else lo, sq, n, d, z.stride(0), d,
+        z, mean, hi, hi if lo is None else lo, sq, n, d, z.stride(0), hi.stride(0),
         PARTS=parts, EMULATE_BF16=interpreting(), BN=_CENTRE_BN, BD=block_d(d, _CENTRE_BD))
     return hi, lo, sq
 
@@ -245,12 +252,12 @@ def centred_codebook(codebook: torch.Tensor, parts: int, bound_e: float = 0.0) -
                                             part.stride(0), BK=_SCAN_BK, BD=bd)
     dtype = _part_dtype(parts)
     mean = torch.empty(d, dtype=torch.float32, device=dev)
-    hi = torch.empty(k, d, dtype=dtype, device=dev)
-    lo = torch.empty(k, d, dtype=dtype, device=dev) if parts == 3 else None
+    hi = _parts_buffer(k, d, dtype, dev)
+    lo = _parts_buffer(k, d, dtype, dev) if parts == 3 else None
     sq = torch.empty(k, dtype=torch.float32, device=dev)
     ce = torch.empty(k, dtype=torch.float32, device=dev) if parts == 3 else None
     _codebook_parts_kernel[(triton.cdiv(k, _PARTS_BK),)](
         codebook, part, flag, mean, hi, hi if lo is None else lo, sq, sq if ce is None else ce, aux,
-        k, d, scan_programs, codebook.stride(0), part.stride(0), d, bound_e,
+        k, d, scan_programs, codebook.stride(0), part.stride(0), hi.stride(0), bound_e,
         PARTS=parts, EMULATE_BF16=interpreting(), BP=_BP, BK=_PARTS_BK, BD=bd)
     return Codebook(mean, hi, lo, sq, ce, aux)
