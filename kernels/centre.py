@@ -215,7 +215,7 @@ def _codebook_parts_kernel(c_ptr, part_ptr, flag_ptr, mean_ptr, hi_ptr, lo_ptr, 
 # Pass 1's row block and its most programs (every pass-2 program reads all of pass 1's partial
 # rows: a cap keeps that cost linear in K), pass 2's row block, the D tile, and pass 2's block of
 # partial rows.
-_SCAN_BK, _SCAN_PROGRAMS, _PARTS_BK, _CODEBOOK_BD, _BP = 256, 64, 64, 64, 16
+_SCAN_BK, _SCAN_PROGRAMS, _PARTS_BK, _CODEBOOK_BD, _BP = 128, 64, 64, 64, 16
 
 
 class Codebook(NamedTuple):

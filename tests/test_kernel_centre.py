@@ -14,7 +14,7 @@ def bf16_parts(y):
     return hi, (y - hi).to(torch.bfloat16).float()
 
 
-@pytest.fixture(params=[(256, 2), (4, 3)], ids=["default-blocks", "small-blocks"])
+@pytest.fixture(params=[(128, 2), (4, 3)], ids=["default-blocks", "small-blocks"])
 def blocks(request, monkeypatch):
     """The shipped block sizes, and tiny ones so that pass 1 runs several programs of several blocks."""
     scan_bk, scan_programs = request.param
