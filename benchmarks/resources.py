@@ -131,13 +131,18 @@ def _usage(cubin: bytes, sass: bool) -> tuple[int, int, int | None, int | None]:
             return subprocess.run([str(tool), flag, f.name], capture_output=True, text=True, check=True).stdout
 
         out = dump("--dump-resource-usage")
-        ops = re.findall(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]*)", dump("-sass"), re.M) if sass else None
+        # An instruction line: "/*0a30*/  [@P0] OPCODE.MODIFIERS operands ;" -> OPCODE.
+        ops = re.findall(_SASS_OP, dump("-sass"), re.M) if sass else None
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", out)
     if m is None:
         raise RuntimeError(f"cannot read cuobjdump's resource usage:\n{out}")
+    regs, local = int(m.group(1)), int(m.group(2)) + int(m.group(3))
     if ops is None:
-        return int(m.group(1)), int(m.group(2)) + int(m.group(3)), None, None
-    return int(m.group(1)), int(m.group(2)) + int(m.group(3)), len(ops), sum(op in ("HGMMA", "HMMA") for op in ops)
+        return regs, local, None, None
+    return regs, local, len(ops), sum(op in ("HGMMA", "HMMA") for op in ops)
+
+
+_SASS_OP = r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]*)"
 
 
 def _calls():

@@ -61,6 +61,7 @@ def _split_bf16(b_x, EMULATE_BF16: tl.constexpr):
 @triton.jit
 def _centre_kernel(z_ptr, mean_ptr, hi_ptr, lo_ptr, sq_ptr, N, D, stride_z, stride_x,
                    PARTS: tl.constexpr, EMULATE_BF16: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+    """One program per BN rows: ``x = z - mean`` in fp32, stored whole or as bf16 parts, and ``|x|^2``."""
     o_n = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
     m_n = o_n < N
     b_sq = tl.zeros([BN], dtype=tl.float32)
@@ -101,9 +102,10 @@ def centre_rows(z: torch.Tensor, mean: torch.Tensor, parts: int
                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """``(hi, lo, sq)`` of ``x = z - mean`` for rows ``z [N, D]`` (unit stride in D), one launch.
 
-    ``hi [N, D]`` (row stride a multiple of 16, as every part here): ``x`` itself (``parts = 1``, fp32) or its bf16 part; ``lo [N, D]`` the bf16
-    remainder when ``parts = 3`` (else None); ``sq [N]`` fp32 ``|x|^2`` (NaN / Inf for rows holding
-    one, so the searches can fail those rows without looking at them)."""
+    ``hi [N, D]``: ``x`` itself (``parts = 1``, fp32) or its bf16 part; ``lo [N, D]`` the bf16
+    remainder when ``parts = 3`` (else None); both with a row stride that is a multiple of 16.
+    ``sq [N]``: fp32 ``|x|^2`` (NaN / Inf for rows holding one, so the searches can fail those rows
+    without looking at them)."""
     n, d = z.shape
     dtype = _part_dtype(parts)
     hi = _parts_buffer(n, d, dtype, z.device)
