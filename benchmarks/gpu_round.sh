@@ -3,6 +3,8 @@
 # (`pip install -e ".[dev]"`, or `python3 -m pip install --no-deps --no-build-isolation -e .`):
 # the GPU-only tests, the cross-check, the comparison report and the pytest-benchmark suites.
 # Usage: bash benchmarks/gpu_round.sh OUT_DIR   (logs, report.json/png and pytest-benchmark JSON)
+# STEPS="gpu-tests certified" bash benchmarks/gpu_round.sh OUT_DIR runs only the steps named (of
+# gpu-tests, certified, check, report, suites), to fit a round into calls of limited length.
 set -uo pipefail
 out="${1:?usage: bash benchmarks/gpu_round.sh OUT_DIR}"
 mkdir -p "$out"
@@ -10,8 +12,10 @@ cd "$(dirname "$0")/.."
 py="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1
 status=0
+steps="${STEPS:-gpu-tests certified check report suites}"
 run() {  # name, command...: log to OUT_DIR/name.log, remember a failure, go on
     local name="$1"; shift
+    case " $steps " in *" $name "*) ;; *) echo "== $name: skipped (not in STEPS)"; return 0 ;; esac
     echo "== $name: $*"
     "$@" 2>&1 | tee "$out/$name.log" || status=1
 }
