@@ -5,8 +5,10 @@ writes zeros for it and the scatters skip it.
 
 The scatter has two modes. The default adds with atomics (fast; the order of the fp32 additions,
 hence the last bits, may change from run to run on a GPU). ``deterministic=True`` sorts the
-indices (stable), takes each code's segment of the sorted order, and sums it in one program with
-a pinned tile shape, so every run adds the same numbers in the same order: bitwise reproducible.
+indices (stable), cuts each code's segment of the sorted order into pieces of at most ``_PIECE``
+rows, sums each piece in one program, then each code's pieces in order, all with pinned tile
+shapes: every run adds the same numbers in the same order (bitwise reproducible), and a code that
+takes most rows (a collapsed codebook) is spread over many programs instead of one.
 The scatter kernels also count rows per code (``COUNT``), which ``stats.code_stats`` reuses.
 """
 
@@ -25,6 +27,8 @@ __all__ = ["gather", "scatter_add"]
 # order must depend on D alone, never on which config an autotuner picked in this process.
 _SEG_TILE = 2048
 _SEG_WARPS = 4
+# Rows per piece of a code's segment (deterministic scatter): a piece is one program's work.
+_PIECE = 256
 
 
 @triton.autotune(configs=tile_configs([(4096, 4), (8192, 8), (2048, 4)]), key=["D"])
@@ -105,7 +109,7 @@ def _segment_sum_kernel(
     i_d = tl.program_id(1).to(tl.int64)
     o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)  # [BD]
     m_d = o_d < D
-    # Code k's rows are order[offsets[k]:offsets[k + 1]] (stable sort: ascending row number).
+    # Segment k is order[offsets[k]:offsets[k + 1]] (stable sort: ascending row number).
     start = tl.load(p_offsets + i_k)
     end = tl.load(p_offsets + i_k + 1)
     b_acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)  # [BN, BD]
@@ -204,26 +208,50 @@ def scatter_rows(
 def _segment_scatter(
     idx: Tensor, rows: Tensor | None, num_codes: int, d: int, bd: int, count: bool
 ) -> tuple[Tensor | None, Tensor | None]:
-    """The deterministic scatter: stable sort, segment offsets, one program per (code, D tile)."""
+    """The deterministic scatter: stable sort; pieces of at most ``_PIECE`` rows of each code's
+    segment summed by one program each; then each code's pieces summed in order. Both passes are
+    ``_segment_sum_kernel`` (segments of sorted rows, then segments of piece sums). No host sync:
+    the piece count is bounded by ``cdiv(N, _PIECE) + K`` and the pieces past the real count are
+    empty."""
+    n = idx.shape[0]
+    dev = idx.device
     sorted_idx, order = torch.sort(idx, stable=True)
     # offsets[k] = first sorted position holding a code >= k; the -1 rows sort before offsets[0].
-    codes = torch.arange(num_codes + 1, dtype=torch.int64, device=idx.device)
+    codes = torch.arange(num_codes + 1, dtype=torch.int64, device=dev)
     offsets = torch.searchsorted(sorted_idx, codes)
-    counts = offsets.diff().to(torch.float32) if count else None
+    sizes = offsets.diff()  # [K] rows per code
+    counts = sizes.to(torch.float32) if count else None
     if rows is None:
         return None, counts
-    sums = torch.empty(num_codes, d, dtype=torch.float32, device=idx.device)
-    grid = (num_codes, triton.cdiv(d, bd))
-    _segment_sum_kernel[grid](
+    # Code k owns pieces [piece_end[k] - pieces[k], piece_end[k]); piece p of it starts at
+    # offsets[k] + (p - first piece of k) * _PIECE in the sorted order.
+    pieces = (sizes + _PIECE - 1) // _PIECE
+    piece_end = pieces.cumsum(0)
+    bound = triton.cdiv(n, _PIECE) + num_codes
+    p = torch.arange(bound, dtype=torch.int64, device=dev)
+    owner = torch.searchsorted(piece_end, p, right=True).clamp_max(num_codes - 1)
+    start = offsets[owner] + (p - (piece_end[owner] - pieces[owner])) * _PIECE
+    start = torch.where(p < piece_end[-1], start, n)  # pieces past the real count: empty, at the end
+    piece_bounds = torch.cat([start, start.new_full((1,), n)])
+    partial = _segment_sum(order, piece_bounds, rows, bound, d, bd)
+    piece_offsets = torch.cat([piece_end.new_zeros(1), piece_end])
+    return _segment_sum(p, piece_offsets, partial, num_codes, d, bd), counts
+
+
+def _segment_sum(order: Tensor, offsets: Tensor, rows: Tensor, segments: int, d: int, bd: int) -> Tensor:
+    """``out[s] = sum of rows[order[i]]`` over ``offsets[s] <= i < offsets[s + 1]``: float32
+    ``[segments, d]``, summed in a fixed order (pinned tile shape)."""
+    out = torch.empty(segments, d, dtype=torch.float32, device=rows.device)
+    _segment_sum_kernel[(segments, triton.cdiv(d, bd))](
         order,
         offsets,
         rows,
-        sums,
+        out,
         d,
         rows.stride(0),
-        sums.stride(0),
+        out.stride(0),
         BLOCK_N=max(1, _SEG_TILE // bd),
         BLOCK_D=bd,
         num_warps=_SEG_WARPS,
     )
-    return sums, counts
+    return out

@@ -152,6 +152,25 @@ def test_scatter_add_deterministic_agrees_with_atomic(device, poison, shape):
     assert_sums_close(torch_ops.scatter_add(idx, rows, k), f64(first), 2 * mag, counts)
 
 
+@pytest.mark.parametrize("piece", [1, 3, 8])
+def test_scatter_add_deterministic_pieces(device, poison, monkeypatch, piece):
+    """Segments cut into many pieces (a collapsed code, empty codes, masked rows, a code whose size
+    is a multiple of the piece): the same sums, and the same bits on every run."""
+    monkeypatch.setattr(G, "_PIECE", piece)
+    n, k, d = 203, 9, 13
+    idx = torch.full((n,), 4, device=device)
+    idx[:40] = torch.randint(0, 3, (40,), device=device)
+    idx[40:64] = 7  # 24 rows: a multiple of every piece size here
+    idx[64:80] = -1
+    idx = idx[torch.randperm(n, device=device)]
+    rows = torch.randn(n, d, device=device) + 2.0
+    out = G.scatter_add(idx, rows, k, deterministic=True)
+    ref, mag, counts = ref_scatter(idx, torch.where((idx < 0)[:, None], 0.0, rows), k)
+    assert_sums_close(out, ref, mag, counts)
+    assert (out[[5, 6, 8]] == 0).all()
+    assert torch.equal(out.view(torch.int32), G.scatter_add(idx, rows, k, deterministic=True).view(torch.int32))
+
+
 @pytest.mark.parametrize("dtype", LOW, ids=str)
 def test_scatter_add_low_precision_is_its_fp32_upcast(device, poison, dtype):
     n, k, d = 200, 11, 21
