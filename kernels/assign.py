@@ -11,13 +11,13 @@ halves of a split launch:
 - finish: turns the best key into ``idx`` / ``dist``, applies the NaN/Inf policy, and writes z_q.
 
 Exact mode has two searches. The plain one is the direct form sum_j (z_j - c_j)^2 on CUDA cores
-(``_search_exact``). The certified one (``_search_certify``, used when the code axis is not split)
-runs the expanded form on tensor cores with split-bf16 dots (z = z_hi + z_lo, three bf16 products:
-about fp32 accuracy), carries a rigorous bound on each approximate distance, and keeps per row
-the best code's upper bound and every other code's lowest lower bound. When the best code's upper
-bound is below all others' lower bounds, the best code is the true nearest one (strictly: exact
-ties never certify) and the row is finished on the spot; the few rows the bound cannot separate are
-appended to a list, and a second launch runs the plain direct-form search on just those rows.
+(``_search_exact``). The certified one (``_search_certify``, used for every N < 2^31) runs the
+expanded form on tensor cores with split-bf16 dots (z = z_hi + z_lo, three bf16 products: about
+fp32 accuracy), carries a rigorous bound on each approximate distance, and keeps per row the best
+code's upper bound and every other code's lowest lower bound. When the best code's upper bound is
+below all others' lower bounds, the best code is the true nearest one (strictly: exact ties never
+certify) and the row is finished on the spot; the few rows the bound cannot separate are appended
+to a list, and a last launch runs the plain direct-form search on just those rows.
 
 The tensor-core searches read operands made once per call by ``centre.py`` (rows centred on the
 codebook mean, already split into bf16 parts), so their inner loop is loads and dots only; per code
@@ -173,10 +173,12 @@ def _search_dot(xh_ptr, xsq_ptr, ch_ptr, csq_ptr, aux_ptr, o_n, m_n, k_lo, k_hi,
 
 
 @triton.jit
-def _search_certify(xh_ptr, xl_ptr, xsq_ptr, ch_ptr, cl_ptr, csq_ptr, ce_ptr, aux_ptr, o_n, m_n, K, D,
-                    stride_x, stride_cs, bound_e, EMULATE_BF16: tl.constexpr,
+def _search_certify(xh_ptr, xl_ptr, xsq_ptr, ch_ptr, cl_ptr, csq_ptr, ce_ptr, o_n, m_n, k_lo, k_hi, K, D,
+                    stride_x, stride_cs, EMULATE_BF16: tl.constexpr,
                     BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr):
-    """Best code per row by the split-bf16 expanded form, and whether the bound certifies it.
+    """Per row over codes [k_lo, k_hi), by the split-bf16 expanded form: the best code's a, index and
+    e, and the least l of every other code (the state ``_certified`` tests, and ``_merge_certify``
+    merges across a split code axis).
 
     With x = z - m and y = c - m centred on the codebook mean, a_j = |x|^2 + |y_j|^2 - 2 x.y_j with
     x.y ~ x_hi.y_hi + x_hi.y_lo + x_lo.y_hi (bf16 products are exact in fp32, the dropped terms are
@@ -194,16 +196,17 @@ def _search_certify(xh_ptr, xl_ptr, xsq_ptr, ch_ptr, cl_ptr, csq_ptr, ce_ptr, au
     code's lower bound a_j - B_j: b is the true nearest code, strictly (exact ties never certify).
     Each tile costs fp32 / int32 work only: its minimum and lowest code, and the least l of its
     other codes. Rows whose norms could overflow (|x|^2 + max |y|^2 >= 1e38: then every a_j of a
-    finite code is finite), and NaN or Inf rows, are never certified.
+    finite code is finite), and NaN or Inf rows, are never certified (NaN in this state is
+    harmless: such rows fail ``_certified``'s first test).
     """
     b_xsq = tl.load(xsq_ptr + o_n, mask=m_n, other=0.0)
     b_min = tl.full([BN], float("inf"), tl.float32)  # the best code's a ...
     b_code = tl.full([BN], NO_CODE, tl.int32)  # ... its index ...
     b_ebest = tl.zeros([BN], dtype=tl.float32)  # ... and its e
     b_lrest = tl.full([BN], float("inf"), tl.float32)  # least l of every other code
-    for k0 in range(0, K, BK):
+    for k0 in range(k_lo, k_hi, BK):
         o_k = k0 + tl.arange(0, BK)
-        m_k = o_k < K
+        m_k = o_k < k_hi
         b_dot = tl.zeros([BN, BK], dtype=tl.float32)
         for d0 in range(0, D, BD):
             o_d = d0 + tl.arange(0, BD)
@@ -227,14 +230,42 @@ def _search_certify(xh_ptr, xl_ptr, xsq_ptr, ch_ptr, cl_ptr, csq_ptr, ce_ptr, au
         b_other = o_k[None, :] != t_code[:, None]  # [BN, BK]
         t_lrest = tl.min(tl.where(b_other, b_a - b_e[None, :], float("inf")), axis=1)
         t_e = tl.load(ce_ptr + t_code, mask=t_code < K, other=0.0)
-        m_take = t_min < b_min
-        # Whichever of the old best and the tile's best is not the best now joins the rest.
-        b_lrest = tl.minimum(tl.minimum(b_lrest, t_lrest), tl.where(m_take, b_min - b_ebest, t_min - t_e))
-        b_ebest = tl.where(m_take, t_e, b_ebest)
-        b_min = tl.where(m_take, t_min, b_min)
-        b_code = tl.where(m_take, t_code, b_code)
-    m_cert = (b_xsq + tl.load(aux_ptr + 1) < 1e38) & (b_min + b_ebest + 2.0 * bound_e * b_xsq < b_lrest)
-    return b_code.to(tl.int64), m_cert
+        b_min, b_code, b_ebest, b_lrest = _merge_best(b_min, b_code, b_ebest, b_lrest, t_min, t_code, t_e, t_lrest)
+    return b_min, b_code, b_ebest, b_lrest
+
+
+@triton.jit
+def _merge_best(b_min, b_code, b_ebest, b_lrest, t_min, t_code, t_e, t_lrest):
+    """The certified search's state after codes ``t`` (all above ``b``'s codes) join ``b``'s."""
+    m_take = t_min < b_min  # strict: among equal a the lower code stays
+    # Whichever of the old best and the new best is not the best now joins the rest.
+    b_lrest = tl.minimum(tl.minimum(b_lrest, t_lrest), tl.where(m_take, b_min - b_ebest, t_min - t_e))
+    return (tl.where(m_take, t_min, b_min), tl.where(m_take, t_code, b_code), tl.where(m_take, t_e, b_ebest),
+            b_lrest)
+
+
+@triton.jit
+def _merge_certify(key_ptr, part_ptr, o_n, m_n, N, split, BN: tl.constexpr):
+    """The certified search's state of each row over all ``split`` programs' code runs (in order)."""
+    b_min = tl.full([BN], float("inf"), tl.float32)
+    b_code = tl.full([BN], NO_CODE, tl.int32)
+    b_ebest = tl.zeros([BN], dtype=tl.float32)
+    b_lrest = tl.full([BN], float("inf"), tl.float32)
+    for i_s in range(0, split):
+        p_part = part_ptr + i_s * N + o_n
+        t_code = tl.load(key_ptr + i_s * N + o_n, mask=m_n, other=NO_CODE).to(tl.int32)
+        t_min = tl.load(p_part, mask=m_n, other=float("inf"))
+        t_e = tl.load(p_part + split * N, mask=m_n, other=0.0)
+        t_lrest = tl.load(p_part + 2 * split * N, mask=m_n, other=float("inf"))
+        b_min, b_code, b_ebest, b_lrest = _merge_best(b_min, b_code, b_ebest, b_lrest, t_min, t_code, t_e, t_lrest)
+    return b_min, b_code, b_ebest, b_lrest
+
+
+@triton.jit
+def _certified(b_min, b_ebest, b_lrest, b_xsq, aux_ptr, bound_e):
+    """The certificate of ``_search_certify``: the best code's upper bound is below every other
+    code's lower bound, and no norm is near fp32's overflow (``aux[1]``: the largest |y|^2)."""
+    return (b_xsq + tl.load(aux_ptr + 1) < 1e38) & (b_min + b_ebest + 2.0 * bound_e * b_xsq < b_lrest)
 
 
 @triton.jit
@@ -284,7 +315,7 @@ def _finish(b_best, z_ptr, c_ptr, idx_ptr, dist_ptr, zq_ptr, o_n, m_n, D, stride
 
 @triton.jit
 def _assign_kernel(z_ptr, c_ptr, xh_ptr, xl_ptr, xsq_ptr, ch_ptr, cl_ptr, csq_ptr, ce_ptr, aux_ptr,
-                   key_ptr, idx_ptr, dist_ptr, zq_ptr, rows_ptr, count_ptr,
+                   key_ptr, part_ptr, idx_ptr, dist_ptr, zq_ptr, rows_ptr, count_ptr,
                    N, K, D, stride_z, stride_c, stride_x, stride_cs, stride_zq, split, n_bucket, bound_e,
                    MODE: tl.constexpr, EMULATE_BF16: tl.constexpr, SEARCH: tl.constexpr,
                    FINISH: tl.constexpr, RETURN_ZQ: tl.constexpr, ROWS: tl.constexpr,
@@ -298,21 +329,36 @@ def _assign_kernel(z_ptr, c_ptr, xh_ptr, xl_ptr, xsq_ptr, ch_ptr, cl_ptr, csq_pt
         # Only the rows listed by the certified search: rows_ptr[:count] (programs past it idle).
         m_n = o_n < tl.load(count_ptr)
         o_n = tl.load(rows_ptr + o_n, mask=m_n, other=0)
+    if SEARCH:
+        # Program i_s of `split` scans a contiguous run of code tiles.
+        n_per = tl.cdiv(tl.cdiv(K, BK), split)
+        k_lo = i_s * n_per * BK
+        k_hi = tl.minimum(k_lo + n_per * BK, K)
     if MODE == 3:
-        b_best, b_cert = _search_certify(xh_ptr, xl_ptr, xsq_ptr, ch_ptr, cl_ptr, csq_ptr, ce_ptr, aux_ptr,
-                                         o_n, m_n, K, D, stride_x, stride_cs, bound_e, EMULATE_BF16, BN, BK, BD)
-        # Rows the bound cannot separate go to the plain direct-form search (second launch).
-        m_retry = m_n & ~b_cert
-        b_slot = tl.atomic_add(count_ptr + tl.zeros([BN], dtype=tl.int32), 1, mask=m_retry)
-        tl.store(rows_ptr + b_slot, o_n, mask=m_retry)
-        _finish(b_best, z_ptr, c_ptr, idx_ptr, dist_ptr, zq_ptr, o_n, m_n & b_cert, D, stride_z, stride_c,
-                stride_zq, False, RETURN_ZQ, GROUP, BN, BD)
+        if SEARCH:
+            b_min, b_code, b_ebest, b_lrest = _search_certify(
+                xh_ptr, xl_ptr, xsq_ptr, ch_ptr, cl_ptr, csq_ptr, ce_ptr, o_n, m_n, k_lo, k_hi, K, D,
+                stride_x, stride_cs, EMULATE_BF16, BN, BK, BD)
+            if not FINISH:
+                # This run's state: the code in key_ptr [split, N], (a, e, l) in part_ptr [3, split, N].
+                p_part = part_ptr + i_s * N + o_n
+                tl.store(key_ptr + i_s * N + o_n, b_code.to(tl.int64), mask=m_n)
+                tl.store(p_part, b_min, mask=m_n)
+                tl.store(p_part + split * N, b_ebest, mask=m_n)
+                tl.store(p_part + 2 * split * N, b_lrest, mask=m_n)
+        else:
+            b_min, b_code, b_ebest, b_lrest = _merge_certify(key_ptr, part_ptr, o_n, m_n, N, split, BN)
+        if FINISH:
+            b_xsq = tl.load(xsq_ptr + o_n, mask=m_n, other=0.0)
+            m_cert = m_n & _certified(b_min, b_ebest, b_lrest, b_xsq, aux_ptr, bound_e)
+            # Rows the bound cannot separate go to the plain direct-form search (next launch).
+            m_retry = m_n & ~m_cert
+            b_slot = tl.atomic_add(count_ptr + tl.zeros([BN], dtype=tl.int32), 1, mask=m_retry)
+            tl.store(rows_ptr + b_slot, o_n, mask=m_retry)
+            _finish(b_code.to(tl.int64), z_ptr, c_ptr, idx_ptr, dist_ptr, zq_ptr, o_n, m_cert, D, stride_z,
+                    stride_c, stride_zq, False, RETURN_ZQ, GROUP, BN, BD)
     else:
         if SEARCH:
-            # Program i_s of `split` scans a contiguous run of code tiles.
-            n_per = tl.cdiv(tl.cdiv(K, BK), split)
-            k_lo = i_s * n_per * BK
-            k_hi = tl.minimum(k_lo + n_per * BK, K)
             if MODE == 0:
                 b_best = _search_exact(z_ptr, c_ptr, o_n, m_n, k_lo, k_hi, D, stride_z, stride_c,
                                        GROUP, BN, BK, BD)
@@ -428,9 +474,9 @@ def assign_fwd(z: torch.Tensor, codebook: torch.Tensor, *, precision: str = "exa
     - ``z_q``: ``codebook[idx]`` bit for bit when ``return_zq``, written by the same launch that
       finishes the rows (the search launch itself when ``split == 1``, else the finish launch).
     - ``precision="exact"``: the chosen code is within ``(1 + 2^-16)`` of the float64 minimum
-      (DESIGN.md section 4). Without a split, the certified split-bf16 search finishes the rows its
-      bound separates and the direct-form search the rest (``_assign_certified``); with a split,
-      the direct-form search does all rows. ``"tf32"`` / ``"bf16"``: expanded-form search on vectors
+      (DESIGN.md section 4). The certified split-bf16 search finishes the rows its bound separates
+      and the direct-form search the rest (``_assign_certified``); the direct-form search alone
+      serves N >= 2^31 (the listed rows are counted in int32). ``"tf32"`` / ``"bf16"``: expanded-form search on vectors
       centred on the codebook mean with the dot on tensor cores; each approximate distance is within
       ``2 (2u + u^2) |z - m| |c - m|`` (+ fp32 round-off) of the true one, u = 2^-10 (tf32, truncating)
       or 2^-8 (bf16), so the chosen code is within twice that of the minimum. Their operands are
@@ -462,8 +508,8 @@ def assign_fwd(z: torch.Tensor, codebook: torch.Tensor, *, precision: str = "exa
     mode = _MODES[precision]
     split = _auto_split(n, k, z.device) if split is None else split
     # (The certified search counts its listed rows in int32.)
-    if mode == 0 and split == 1 and _CERTIFIED_SEARCH and n < 2**31:
-        _assign_certified(z, codebook, idx, dist, z_q)
+    if mode == 0 and _CERTIFIED_SEARCH and n < 2**31:
+        _assign_certified(z, codebook, idx, dist, z_q, split)
         return idx, dist, z_q
     zq_arg = z_q if return_zq else dist
     keys = torch.empty(split, n, dtype=torch.int64, device=z.device) if split > 1 else idx
@@ -475,7 +521,7 @@ def assign_fwd(z: torch.Tensor, codebook: torch.Tensor, *, precision: str = "exa
         cb = centred_codebook(codebook, parts=mode)
         x, _, xsq = centre_rows(z, cb.mean, parts=mode)
         operands = (x, x, xsq, cb.hi, cb.hi, cb.sq, cb.sq, cb.aux)
-    args = (z, codebook, *operands, keys, idx, dist, zq_arg, idx, idx,
+    args = (z, codebook, *operands, keys, dist, idx, dist, zq_arg, idx, idx,
             n, k, d, z.stride(0), codebook.stride(0), d if x is None else x.stride(0),
             d if cb is None else cb.hi.stride(0), d, split, triton.next_power_of_2(n), 0.0)
     flags = dict(MODE=mode, EMULATE_BF16=interpreting(), RETURN_ZQ=return_zq, ROWS=False, GROUP=_GROUP)
@@ -498,10 +544,11 @@ def _certify_bound(d: int) -> float:
     return 2.0 * (3.5 * 2.0**-16 + 3.5 * d * 2.0**-23) * (1.0 + 2.0**-6)
 
 
-def _assign_certified(z, codebook, idx, dist, z_q) -> torch.Tensor:
-    """Exact assignment in two launches (after the operands' own): the certified split-bf16 search
-    finishes every row its bound separates and lists the others, then the direct-form search
-    finishes the listed rows.
+def _assign_certified(z, codebook, idx, dist, z_q, split: int = 1) -> torch.Tensor:
+    """Exact assignment: the certified split-bf16 search finishes every row its bound separates and
+    lists the others, then the direct-form search finishes the listed rows. With ``split > 1`` the
+    search programs of a row block each take a run of codes and leave their state in ``[split, N]``
+    buffers, and a finish-only launch merges it, certifies and lists.
 
     Writes ``idx``, ``dist`` and ``z_q`` (when not None); returns the number of listed rows (int32
     ``[1]`` on the device, for tests and tuning)."""
@@ -514,20 +561,34 @@ def _assign_certified(z, codebook, idx, dist, z_q) -> torch.Tensor:
     count = torch.zeros(1, dtype=torch.int32, device=z.device)
     return_zq = z_q is not None
     zq_arg = z_q if return_zq else dist
-    common = (z, codebook, xh, xl, xsq, cb.hi, cb.lo, cb.sq, cb.ce, cb.aux, idx, idx, dist, zq_arg, rows, count,
-              n, k, d, z.stride(0), codebook.stride(0), xh.stride(0), cb.hi.stride(0), d, 1,
-              triton.next_power_of_2(n), bound_e)
-    flags = dict(EMULATE_BF16=interpreting(), SEARCH=True, FINISH=True, RETURN_ZQ=return_zq, GROUP=_GROUP)
+    keys = torch.empty(split, n, dtype=torch.int64, device=z.device) if split > 1 else idx
+    part = torch.empty(3, split, n, dtype=torch.float32, device=z.device) if split > 1 else dist
+
+    def args(split):
+        return (z, codebook, xh, xl, xsq, cb.hi, cb.lo, cb.sq, cb.ce, cb.aux, keys, part, idx, dist, zq_arg,
+                rows, count, n, k, d, z.stride(0), codebook.stride(0), xh.stride(0), cb.hi.stride(0), d, split,
+                triton.next_power_of_2(n), bound_e)
+
+    flags = dict(EMULATE_BF16=interpreting(), RETURN_ZQ=return_zq, GROUP=_GROUP)
 
     def grid(meta):
+        return (triton.cdiv(n, meta["BN"]), split)
+
+    _assign_certify[grid](*args(split), MODE=_CERTIFY, SEARCH=True, FINISH=split == 1, ROWS=False, **flags)
+    if split > 1:
+        _assign_kernel[(triton.cdiv(n, _FINISH_BN), 1)](
+            *args(split), MODE=_CERTIFY, SEARCH=False, FINISH=True, ROWS=False, BN=_FINISH_BN, BK=16,
+            BD=_FINISH_BD, **flags)
+
+    def rows_grid(meta):
         return (triton.cdiv(n, meta["BN"]), 1)
 
-    _assign_certify[grid](*common, MODE=_CERTIFY, ROWS=False, **flags)
-    # Sized for every row; programs past the listed count return at once (no host sync).
-    _assign_exact[grid](*common, MODE=0, ROWS=True, **flags)
+    # Sized for every row; programs past the listed count return at once (no host sync). Each
+    # listed row's search runs over all K codes (split 1).
+    _assign_exact[rows_grid](*args(1), MODE=0, SEARCH=True, FINISH=True, ROWS=True, **flags)
     return count
 
 
-# The certified search serves exact mode whenever the code axis is not split (tests switch it off
-# to compare with the plain direct-form search).
+# The certified search serves exact mode for N < 2^31 (tests switch it off to compare with the plain
+# direct-form search).
 _CERTIFIED_SEARCH = True

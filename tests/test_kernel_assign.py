@@ -409,19 +409,22 @@ def test_small_blocks(device, monkeypatch, precision):
 # --- the certified exact search -------------------------------------------------------------------
 
 
-def certified(z, c, return_zq=False):
-    """Run the two-launch certified exact search; also return how many rows it had to list."""
+def certified(z, c, return_zq=False, split=1):
+    """Run the certified exact search; also return how many rows it had to list."""
     n, d = z.shape
     idx = torch.empty(n, dtype=torch.int64, device=z.device)
     dist = torch.empty(n, dtype=torch.float32, device=z.device)
     zq = torch.empty(n, d, dtype=c.dtype, device=z.device) if return_zq else None
-    count = A._assign_certified(z, c, idx, dist, zq)
+    count = A._assign_certified(z, c, idx, dist, zq, split)
     return idx, dist, zq, int(count)
 
 
+@pytest.mark.parametrize("split", [1, 3])
 @pytest.mark.parametrize("kind", ["normal", "offset", "ties"])
-def test_certified_search_equals_the_direct_search(device, monkeypatch, kind):
-    """Both exact searches give the same codes; the bound certifies most rows, never a tie."""
+def test_certified_search_equals_the_direct_search(device, monkeypatch, kind, split):
+    """Both exact searches give the same codes; the bound certifies most rows, never a tie. With
+    split 3 the code runs are merged by the finish launch (duplicates 60-89 straddle two runs of
+    64 codes; the third run is empty)."""
     n, k, d = 500, 97, 37
     z = torch.randn(n, d, device=device)
     c = torch.randn(k, d, device=device)
@@ -430,7 +433,7 @@ def test_certified_search_equals_the_direct_search(device, monkeypatch, kind):
     if kind == "ties":
         c[60:90] = c[:30]  # duplicates: rows nearest to one of them are exact ties
         z[:200] = c[torch.randint(0, 30, (200,), device=device)] + 1e-3 * torch.randn(200, d, device=device)
-    idx, dist, zq, listed = certified(z, c, return_zq=True)
+    idx, dist, zq, listed = certified(z, c, return_zq=True, split=split)
     monkeypatch.setattr(A, "_CERTIFIED_SEARCH", False)
     idx2, dist2, _ = assign_fwd(z, c)
     bad = torch.nonzero(idx != idx2)[:, 0].cpu()
