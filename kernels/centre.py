@@ -59,6 +59,19 @@ def _split_bf16(b_x, EMULATE_BF16: tl.constexpr):
 
 
 @triton.jit
+def _store_parts(hi_ptr, lo_ptr, p_x, b_x, m, PARTS: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    """Store an fp32 block ``x`` at offsets ``p_x`` as the search reads it: whole (``PARTS = 1``),
+    its bf16 part (2), or its bf16 part and remainder (3)."""
+    if PARTS == 1:
+        tl.store(hi_ptr + p_x, b_x, mask=m)
+    else:
+        b_hi, b_lo = _split_bf16(b_x, EMULATE_BF16)
+        tl.store(hi_ptr + p_x, b_hi, mask=m)
+        if PARTS == 3:
+            tl.store(lo_ptr + p_x, b_lo, mask=m)
+
+
+@triton.jit
 def _centre_kernel(z_ptr, mean_ptr, hi_ptr, lo_ptr, sq_ptr, N, D, stride_z, stride_x,
                    PARTS: tl.constexpr, EMULATE_BF16: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     """One program per BN rows: ``x = z - mean`` in fp32, stored whole or as bf16 parts, and ``|x|^2``."""
@@ -72,14 +85,7 @@ def _centre_kernel(z_ptr, mean_ptr, hi_ptr, lo_ptr, sq_ptr, N, D, stride_z, stri
         b_z = tl.load(z_ptr + o_n[:, None] * stride_z + o_d[None, :], mask=m, other=0.0)
         b_x = b_z.to(tl.float32) - tl.load(mean_ptr + o_d, mask=m_d, other=0.0)[None, :]  # [BN, BD]
         b_sq += tl.sum(b_x * b_x, axis=1)
-        p_x = o_n[:, None] * stride_x + o_d[None, :]
-        if PARTS == 1:
-            tl.store(hi_ptr + p_x, b_x, mask=m)
-        else:
-            b_hi, b_lo = _split_bf16(b_x, EMULATE_BF16)
-            tl.store(hi_ptr + p_x, b_hi, mask=m)
-            if PARTS == 3:
-                tl.store(lo_ptr + p_x, b_lo, mask=m)
+        _store_parts(hi_ptr, lo_ptr, o_n[:, None] * stride_x + o_d[None, :], b_x, m, PARTS, EMULATE_BF16)
     tl.store(sq_ptr + o_n, b_sq, mask=m_n)
 
 
@@ -128,6 +134,7 @@ def _codebook_scan_kernel(c_ptr, part_ptr, flag_ptr, aux_ptr, K, D, rows_per, st
     i_p = tl.program_id(0)
     k_lo = i_p * rows_per
     k_hi = tl.minimum(k_lo + rows_per, K)
+    b_count = tl.zeros([BK], dtype=tl.float64)
     for k0 in range(k_lo, k_hi, BK):
         o_k = k0 + tl.arange(0, BK)
         m_k = o_k < k_hi
@@ -139,11 +146,12 @@ def _codebook_scan_kernel(c_ptr, part_ptr, flag_ptr, aux_ptr, K, D, rows_per, st
                           mask=m_k[:, None] & (o_d < D)[None, :], other=0.0).to(tl.float32)  # [BK, BD]
             b_nan = tl.maximum(b_nan, tl.max((b_c != b_c).to(tl.int32), axis=1))
             b_inf = tl.maximum(b_inf, tl.max((tl.abs(b_c) == float("inf")).to(tl.int32), axis=1))
-        tl.store(flag_ptr + o_k, tl.where(b_nan > 0, 2, b_inf), mask=m_k)
+        b_flag = tl.where(b_nan > 0, 2, b_inf)
+        tl.store(flag_ptr + o_k, b_flag, mask=m_k)
+        b_count += (m_k & (b_flag == 0)).to(tl.float64)
     # The flags written above are read back by other threads of this program.
     tl.debug_barrier()
     p_part = part_ptr + i_p * stride_part
-    b_count = tl.zeros([BK], dtype=tl.float64)
     for d0 in range(0, D, BD):
         o_d = d0 + tl.arange(0, BD)
         m_d = o_d < D
@@ -154,8 +162,6 @@ def _codebook_scan_kernel(c_ptr, part_ptr, flag_ptr, aux_ptr, K, D, rows_per, st
             b_c = tl.load(c_ptr + o_k[:, None].to(tl.int64) * stride_c + o_d[None, :],
                           mask=m_use[:, None] & m_d[None, :], other=0.0).to(tl.float64)
             b_sum += tl.sum(b_c, axis=0)
-            if d0 == 0:
-                b_count += m_use.to(tl.float64)
         tl.store(p_part + o_d, b_sum, mask=m_d)
     tl.store(p_part + D, tl.sum(b_count, axis=0))
     if i_p == 0:
@@ -197,15 +203,8 @@ def _codebook_parts_kernel(c_ptr, part_ptr, flag_ptr, mean_ptr, hi_ptr, lo_ptr, 
         b_c = tl.load(c_ptr + o_k[:, None].to(tl.int64) * stride_c + o_d[None, :], mask=m, other=0.0)
         b_y = tl.where(m, b_c.to(tl.float32) - b_mean[None, :], 0.0)  # [BK, BD] non-finite codes: 0
         b_sq += tl.sum(b_y * b_y, axis=1)
-        p_y = o_k[:, None].to(tl.int64) * stride_y + o_d[None, :]
-        m_y = m_k[:, None] & m_d[None, :]
-        if PARTS == 1:
-            tl.store(hi_ptr + p_y, b_y, mask=m_y)
-        else:
-            b_hi, b_lo = _split_bf16(b_y, EMULATE_BF16)
-            tl.store(hi_ptr + p_y, b_hi, mask=m_y)
-            if PARTS == 3:
-                tl.store(lo_ptr + p_y, b_lo, mask=m_y)
+        _store_parts(hi_ptr, lo_ptr, o_k[:, None].to(tl.int64) * stride_y + o_d[None, :], b_y,
+                     m_k[:, None] & m_d[None, :], PARTS, EMULATE_BF16)
     b_sq = tl.where(m_use, b_sq, float("inf"))
     tl.store(sq_ptr + o_k, b_sq, mask=m_k)
     if PARTS == 3:
