@@ -213,10 +213,10 @@ def _codebook_parts_kernel(c_ptr, part_ptr, flag_ptr, mean_ptr, hi_ptr, lo_ptr, 
     tl.atomic_max(aux_ptr + 1, tl.max(tl.where(m_use, b_sq, -float("inf")), axis=0))
 
 
-# Pass 1's row block and its most programs (every pass-2 program reads all of pass 1's partial
-# rows: a cap keeps that cost linear in K), pass 2's row block, the D tile, and pass 2's block of
-# partial rows.
-_SCAN_BK, _SCAN_PROGRAMS, _PARTS_BK, _CODEBOOK_BD, _BP = 128, 64, 64, 64, 16
+# Pass 1's row block, its D tile (16: wider tiles spill registers on sm_90 at D = 37, 64 (benchmarks/
+# resources.py)) and its most programs (every pass-2 program reads all of pass 1's partial rows: a
+# cap keeps that cost linear in K); pass 2's row block, its D tile and its block of partial rows.
+_SCAN_BK, _SCAN_BD, _SCAN_PROGRAMS, _PARTS_BK, _CODEBOOK_BD, _BP = 128, 16, 64, 64, 64, 16
 
 
 class Codebook(NamedTuple):
@@ -248,9 +248,8 @@ def centred_codebook(codebook: torch.Tensor, parts: int, bound_e: float = 0.0) -
     part = torch.empty(scan_programs, d + 1, dtype=torch.float64, device=dev)
     flag = torch.empty(k, dtype=torch.int32, device=dev)
     aux = torch.empty(2, dtype=torch.float32, device=dev)
-    bd = block_d(d, _CODEBOOK_BD)
     _codebook_scan_kernel[(scan_programs,)](codebook, part, flag, aux, k, d, rows_per, codebook.stride(0),
-                                            part.stride(0), BK=_SCAN_BK, BD=bd)
+                                            part.stride(0), BK=_SCAN_BK, BD=block_d(d, _SCAN_BD))
     dtype = _part_dtype(parts)
     mean = torch.empty(d, dtype=torch.float32, device=dev)
     hi = _parts_buffer(k, d, dtype, dev)
@@ -260,5 +259,5 @@ def centred_codebook(codebook: torch.Tensor, parts: int, bound_e: float = 0.0) -
     _codebook_parts_kernel[(triton.cdiv(k, _PARTS_BK),)](
         codebook, part, flag, mean, hi, hi if lo is None else lo, sq, sq if ce is None else ce, aux,
         k, d, scan_programs, codebook.stride(0), part.stride(0), hi.stride(0), bound_e,
-        PARTS=parts, EMULATE_BF16=interpreting(), BP=_BP, BK=_PARTS_BK, BD=bd)
+        PARTS=parts, EMULATE_BF16=interpreting(), BP=_BP, BK=_PARTS_BK, BD=block_d(d, _CODEBOOK_BD))
     return Codebook(mean, hi, lo, sq, ce, aux)
