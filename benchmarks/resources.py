@@ -170,10 +170,13 @@ def _calls():
                        lambda z=z, det=det: gather.scatter_add(idx, z, 50, deterministic=det))
                 yield (f"code_stats {tag} deterministic={det}",
                        lambda z=z, det=det: stats.code_stats(idx, z, 50, deterministic=det))
-                for grad in (None, t(300, d, zd)):
-                    yield (f"quantize_backward {tag} grad_out={grad is not None} deterministic={det}",
-                           lambda z=z, c=c, g=grad, det=det: quantize.quantize_backward(
-                               z, c, idx, g, torch.ones(2), deterministic=det))
+                zq = t(300, d, torch.promote_types(zd, cd))  # the forward's codes, in the wider dtype
+                for grad, rotate in ((None, False), (t(300, d, zq.dtype), False), (t(300, d, zq.dtype), True)):
+                    for v in (None, torch.ones(300)):
+                        yield (f"quantize_backward {tag} grad_out={grad is not None} rotate={rotate} "
+                               f"codebook_grad={v is not None} deterministic={det}",
+                               lambda z=z, zq=zq, g=grad, v=v, det=det, r=rotate: quantize.quantize_backward(
+                                   z, zq, idx, g, torch.ones(300), v, 50, deterministic=det, rotate=r))
             zc = z.to(c.dtype)
             yield f"sqerr_rows {tag}", lambda z=z, c=zc: sqerr.sqerr_rows(z, c)
             yield f"sqerr_sum {tag}", lambda z=z, c=zc: sqerr.sqerr_sum(z, c)

@@ -10,15 +10,21 @@ Launchers take 2-D ``[N, D]`` rows with any row stride (copied only when the las
 unit-stride: ``row_major``); checks of user input live in ``vqtriton.functional``.
 """
 
+import os
+
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from vqtriton.backend import interpreting
-
 # Widest D tile of the row kernels: 128 fp32 = 512 B per row per program, coalesced, and few
 # registers per thread.
 _MAX_BLOCK_D = 128
+
+
+def interpreting() -> bool:
+    """True when Triton's CPU interpreter is on for this process (``TRITON_INTERPRET`` set before
+    triton was imported)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def tune_configs(configs: list, interpreter=None) -> list:

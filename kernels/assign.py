@@ -37,8 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vqtriton.backend import interpreting
-from vqtriton.kernels import row_major, tune_configs
+from vqtriton.kernels import interpreting, row_major, tune_configs
 from vqtriton.kernels.centre import centre_rows, centred_codebook
 
 __all__ = ["assign_fwd", "PRECISIONS"]

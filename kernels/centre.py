@@ -25,8 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vqtriton.backend import interpreting
-from vqtriton.kernels import block_d
+from vqtriton.kernels import block_d, interpreting
 
 __all__ = ["Codebook", "centred_codebook", "centre_rows"]
 

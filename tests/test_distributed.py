@@ -166,7 +166,7 @@ def test_kmeans_init_is_synchronised(tmp_path):
         src = int(np.argmax(sizes))  # the start is sampled on the rank with the most rows
         rows, n = share(x, sizes, src), sizes[src]
         torch.manual_seed(SEED_KM)
-        pick = torch.randperm(n)[:K_KM] if n >= K_KM else torch.randint(n, (K_KM,))
+        pick = torch.rand(n).argsort()[torch.arange(K_KM) % n]  # rows in the order of random keys, cycling
         expected = lloyd(f64(x), f64(rows[pick]), ITERS_KM)  # Lloyd on the concatenated batch
         np.testing.assert_allclose(f64(ranks[0][case]["codebook"]), expected, rtol=1e-5, atol=1e-5, err_msg=case)
 
@@ -203,6 +203,42 @@ def test_uneven_and_empty_batches_do_not_hang(tmp_path):
         assert_ranks_identical([ranks[r]["states"][name] for r in range(WORLD)], name)
     assert all(torch.isfinite(ranks[r]["losses"]).all() for r in range(WORLD))  # an empty batch's mean is 0, not NaN
     assert bool(ranks[0]["states"]["ema"]["initted"])  # k-means waited for a step with rows, then ran
+
+
+# --- the synchronised step compiled whole: its collectives are in the graph ------------------------
+
+COMPILED_STEPS = [(13, 27), (31, 9), (40, 0), (22, 22)]  # rows per rank; rank 1 gets none in step 2
+
+
+def compiled_scenario(rank: int) -> dict:
+    import copy
+
+    torch.manual_seed(0)
+    vq = VectorQuantizer(D_UN, K_UN, ema_decay=0.7, dead_code_threshold=0.5, kmeans_init=True, kmeans_iters=2,
+                         heads=2, backend="torch")
+    twin = copy.deepcopy(vq)
+    explained = torch._dynamo.explain(copy.deepcopy(vq))(torch.randn(5, D_UN))
+    compiled = torch.compile(twin, fullgraph=True, backend="aot_eager")
+    indices = []
+    for step, sizes in enumerate(COMPILED_STEPS):
+        z = share(batch(step, sum(sizes), D_UN), sizes, rank)
+        for module in (vq, compiled):
+            torch.manual_seed(100 * rank + step)  # the same draws in both, different ones per rank
+            indices.append(module(z)[1])
+    return dict(eager=vq.state_dict(), compiled=twin.state_dict(), indices=indices,
+                breaks=torch.tensor(explained.graph_break_count))
+
+
+def test_compiled_synchronised_step_matches_eager(tmp_path):
+    ranks = run_ranks(tmp_path, compiled_scenario)
+    assert_ranks_identical([ranks[r]["compiled"] for r in range(WORLD)], "compiled")
+    for r in range(WORLD):
+        assert int(ranks[r]["breaks"]) == 0
+        assert bool(ranks[r]["compiled"]["initted"])
+        for name, value in ranks[r]["eager"].items():
+            torch.testing.assert_close(ranks[r]["compiled"][name], value, rtol=1e-6, atol=1e-6, msg=name)
+        eager, compiled = ranks[r]["indices"][0::2], ranks[r]["indices"][1::2]
+        assert all(torch.equal(a, b) for a, b in zip(eager, compiled))
 
 
 # --- DistributedDataParallel over a small VQVAE -----------------------------------------------------

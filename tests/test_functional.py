@@ -272,6 +272,50 @@ def test_quantize_leading_dims_and_empty(backend, device):
     assert e.z_q.shape == (0, 5) and e.loss.item() == 0.0
 
 
+@pytest.mark.parametrize("shape", [(300, 37, 13), (1, 1, 2), (64, 9, 130)], ids=shape_id)
+def test_quantize_rotation_trick(backend, device, shape):
+    """The value is the code; z_q's gradient reaches z as reference.rotation_trick_grad (explicit float64
+    matrices), the losses' gradients as without rotation; the codebook gradient does not change."""
+    n, k, d = shape
+    z = torch.randn(n, d, device=device, requires_grad=True)
+    c = torch.randn(k, d, device=device, requires_grad=True)
+    g = torch.randn(n, d, device=device)
+    grads = []
+    for rotation in (True, False):
+        r = vqt.quantize(z, c, 0.3, "mean", rotation_trick=rotation, backend=backend)
+        assert torch.equal(r.z_q.detach(), c.detach()[r.indices])
+        grads.append(torch.autograd.grad((r.z_q * g).sum() + r.loss, (z, c)))
+    (dz, dc), (_, plain_dc) = grads
+    idx = r.indices.cpu().numpy()
+    zq = f64(c)[idx]
+    want = R.rotation_trick_grad(f64(z), zq, f64(g)) + 0.3 * 2 * (f64(z) - zq) / z.numel()
+    err = np.linalg.norm(f64(dz) - want, axis=1) / np.linalg.norm(want, axis=1)
+    assert err.max() <= 1e-6, err.max()
+    np.testing.assert_allclose(f64(dc), f64(plain_dc), rtol=1e-6, atol=1e-7)
+
+
+def test_quantize_mask(backend, device):
+    """Masked vectors: index -1, a zero z_q and no gradient, whatever they hold; "mean" over the kept ones."""
+    z = torch.randn(5, 9, 4, device=device)
+    mask = torch.rand(5, 9, device=device) > 0.4
+    z[~mask] = float("nan")
+    z.requires_grad_()
+    c = torch.randn(6, 4, device=device, requires_grad=True)
+    r = vqt.quantize(z, c, 0.3, "mean", mask=mask, backend=backend)
+    kept = f64(z)[f64(mask).astype(bool)]
+    idx = R.nearest_code(kept, f64(c))
+    assert np.array_equal(r.indices[mask].cpu().numpy(), idx) and bool((r.indices[~mask] == -1).all())
+    assert torch.equal(r.z_q[~mask], torch.zeros_like(r.z_q[~mask]))
+    mse = np.mean((kept - f64(c)[idx]) ** 2)
+    assert r.codebook_loss.item() == pytest.approx(mse, rel=1e-5) and r.loss.item() == pytest.approx(1.3 * mse, rel=1e-5)
+    g = torch.randn_like(z)
+    ((r.z_q * g).sum() + r.loss).backward()
+    assert torch.equal(z.grad[~mask], torch.zeros_like(z.grad[~mask]))
+    assert torch.isfinite(z.grad).all() and torch.isfinite(c.grad).all()
+    empty = vqt.quantize(z.detach(), c, mask=torch.zeros_like(mask), reduction="mean", backend=backend)
+    assert torch.isnan(empty.loss)  # the mean over no elements, as F.mse_loss
+
+
 def test_quantize_gradcheck_float64(device):
     """torch.autograd.gradcheck on the terms whose stop-gradient leaves the true derivative."""
     z = torch.randn(6, 3, dtype=torch.float64, device=device, requires_grad=True)

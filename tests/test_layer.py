@@ -252,12 +252,17 @@ def clustered(num_clusters: int, per: int, D: int, device) -> torch.Tensor:
     return centres.repeat_interleave(per, 0) + 0.2 * torch.randn(num_clusters * per, D, device=device)
 
 
-def lloyd(x: torch.Tensor, k: int, iters: int) -> np.ndarray:
-    """Float64 Lloyd's k-means from the centres the layer samples (call with the same generator state)."""
-    n = x.shape[0]
-    pick = torch.randperm(n, device=x.device)[:k] if n >= k else torch.randint(n, (k,), device=x.device)
-    xs = f64(x)
-    centres = xs[pick.cpu().numpy()]
+def lloyd(x: torch.Tensor, k: int, iters: int, valid: torch.Tensor | None = None) -> np.ndarray:
+    """Float64 Lloyd's k-means on the rows of ``x`` where ``valid``, from the centres the layer samples
+    (call with the same generator state): one uniform key per row of the batch, the valid rows in the
+    order of their keys, and the codes take them in turn (cycling when there are fewer rows than codes)."""
+    valid = torch.ones(x.shape[0], dtype=torch.bool, device=x.device) if valid is None else valid
+    key = torch.rand(x.shape[0], device=x.device)
+    valid_rows = torch.nonzero(valid).squeeze(1)
+    order = valid_rows[key[valid].argsort()]
+    pick = order[torch.arange(k, device=x.device) % order.numel()]
+    xs = f64(x[valid])
+    centres = f64(x)[pick.cpu().numpy()]
     for _ in range(iters):
         a = reference.nearest_code(xs, centres)
         counts = np.bincount(a, minlength=k)[:, None]
@@ -281,7 +286,7 @@ def test_kmeans_init_on_clustered_data(ema_decay, device):
     z_q, idx, _, parts = km(x, mask, return_breakdown=True)
     assert km.initted
     torch.manual_seed(11)
-    centres = lloyd(x[mask], K, iters)
+    centres = lloyd(x, K, iters, mask)
 
     # This step quantized with the k-means centres (an EMA step follows it in EMA mode).
     ref = reference.nearest_code(f64(x[mask]), centres)
@@ -302,7 +307,7 @@ def test_kmeans_init_with_fewer_rows_than_codes(device):
     torch.manual_seed(3)
     vq(x)
     torch.manual_seed(3)
-    close(vq.codebook, lloyd(x, 9, 3), atol=1e-6)  # sampled with replacement
+    close(vq.codebook, lloyd(x, 9, 3), atol=1e-6)  # every row starts two or three codes
 
 
 # --- dtypes, autocast, state_dict -------------------------------------------------------------------

@@ -19,15 +19,10 @@ from types import SimpleNamespace
 
 import torch
 
-__all__ = ["BACKENDS", "KERNEL_DTYPES", "interpreting", "choose", "ops"]
+__all__ = ["BACKENDS", "KERNEL_DTYPES", "choose", "ops"]
 
 BACKENDS = ("triton", "torch")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def interpreting() -> bool:
-    """True when Triton's CPU interpreter is on for this process."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _requested(backend: str | None) -> str | None:
@@ -42,6 +37,10 @@ def _requested(backend: str | None) -> str | None:
 
 def _triton_blocker(tensors) -> str | None:
     """Why the Triton kernels cannot run on these tensors, or None when they can."""
+    try:
+        from vqtriton.kernels import interpreting
+    except ImportError as e:  # pragma: no cover - triton is a dependency
+        return f"triton is not importable: {e}"
     for t in tensors:
         if t.is_floating_point() and t.dtype not in KERNEL_DTYPES:
             return f"the Triton kernels take float32/float16/bfloat16 tensors, got {t.dtype}"
@@ -49,10 +48,6 @@ def _triton_blocker(tensors) -> str | None:
             return "CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 before importing triton"
         if t.device.type not in ("cpu", "cuda"):
             return f"the Triton kernels run on CUDA (or the CPU interpreter), got device {t.device}"
-    try:
-        import triton  # noqa: F401
-    except ImportError as e:  # pragma: no cover - triton is a dependency
-        return f"triton is not importable: {e}"
     return None
 
 

@@ -206,6 +206,15 @@ PROVIDERS: dict[str, dict[str, Callable[[Inputs], Callable[[], Any]]]] = {
         "vqtriton": lambda x: _layer(
             _import("vqtriton.layer", "VectorQuantizer")(*x.dk, beta=BETA, backend=_backend(x)), x
         ),
+        # The same layer step under torch.compile (fullgraph: the whole step is one graph).
+        "vqtriton-compiled": lambda x: _layer(
+            torch.compile(
+                _import("vqtriton.layer", "VectorQuantizer")(*x.dk, beta=BETA, backend=_backend(x)),
+                fullgraph=True,
+                dynamic=False,
+            ),
+            x,
+        ),
         "eager": lambda x: _layer(EagerVQ(*x.dk), x),
         # vector-quantize-pytorch's defaults (EMA codebook, rotation trick), as users run it
         "vqp": lambda x: _layer(_import("vector_quantize_pytorch", "VectorQuantize")(*x.dk), x, batched=True),

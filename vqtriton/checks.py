@@ -12,7 +12,9 @@ import numbers
 
 import torch
 
-__all__ = ["float_tensor", "codebook", "latents", "indices", "choice", "same_device", "integer", "real"]
+__all__ = [
+    "float_tensor", "codebook", "latents", "indices", "index_range", "mask", "choice", "same_device", "integer", "real",
+]
 
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
@@ -53,12 +55,9 @@ def latents(z, c: torch.Tensor, name: str = "z") -> torch.Tensor:
     return z
 
 
-def indices(idx, num_codes: int, name: str = "indices", device: torch.device | None = None) -> torch.Tensor:
-    """Integer indices in ``[-1, num_codes)`` (-1: no code), returned as int64.
-
-    ``device`` (the codebook's) is checked before any value is read. The range check reads the values
-    (a device sync on CUDA): out-of-range indices would make a kernel read outside the codebook.
-    """
+def indices(idx, name: str = "indices", device: torch.device | None = None) -> torch.Tensor:
+    """An integer tensor of indices (-1: no code), returned as int64. Its kind and ``device`` (the
+    codebook's) are checked here, from metadata alone; the values by :func:`index_range`."""
     if not isinstance(idx, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(idx).__name__}")
     if idx.dtype not in _INT_DTYPES:
@@ -66,13 +65,33 @@ def indices(idx, num_codes: int, name: str = "indices", device: torch.device | N
         raise TypeError(f"{name} must be an integer tensor ({kinds}), got {idx.dtype}")
     if device is not None and idx.device != torch.device(device):
         raise ValueError(f"tensors must be on one device, got {name} on {idx.device}, codebook on {device}")
-    if idx.numel():
-        lo, hi = torch.stack(torch.aminmax(idx)).tolist()  # one sync
-        if lo < -1 or hi >= num_codes:
-            raise IndexError(
-                f"{name} must lie in [0, {num_codes}) (or be -1 for no code), got values in [{lo}, {hi}]"
-            )
     return idx.to(torch.int64)
+
+
+def index_range(idx: torch.Tensor, num_codes: int, name: str = "indices") -> None:
+    """Index values in ``[-1, num_codes)``: an index out of range would make a kernel read outside the
+    codebook. Reads the values (one device sync on CUDA); while a CUDA graph is being captured, where
+    no value can be read, a device-side assert checks them instead."""
+    if not idx.numel():
+        return
+    if idx.is_cuda and torch.cuda.is_current_stream_capturing():
+        ok = ((idx >= -1) & (idx < num_codes)).all()
+        torch._assert_async(ok, f"{name} must lie in [0, {num_codes}) (or be -1 for no code)")
+        return
+    lo, hi = torch.stack(torch.aminmax(idx)).tolist()  # one sync
+    if lo < -1 or hi >= num_codes:
+        raise IndexError(f"{name} must lie in [0, {num_codes}) (or be -1 for no code), got values in [{lo}, {hi}]")
+
+
+def mask(m, shape: torch.Size, device: torch.device, what: str) -> torch.Tensor:
+    """A bool mask of ``shape`` on ``device``; ``what`` says which shape that is, for the error."""
+    if not isinstance(m, torch.Tensor) or m.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor, got {getattr(m, 'dtype', type(m).__name__)}")
+    if m.shape != shape:
+        raise ValueError(f"mask must have {what}, got {tuple(m.shape)}")
+    if m.device != device:
+        raise ValueError(f"tensors must be on one device, got mask on {m.device}, z on {device}")
+    return m
 
 
 def choice(name: str, value, options: tuple) -> str:

@@ -2,8 +2,10 @@
 
 Every tensor that crosses ranks has a shape fixed by the module (``K`` codes, ``D`` channels, the world
 size), never by a rank's batch: ranks with different batch sizes, or an empty batch, call the same
-collectives with the same shapes and cannot hang. Nothing here touches CUDA or the process group at
-import time.
+collectives with the same shapes and cannot hang. Nothing here reads a tensor's value on the host:
+which rank a table comes from is decided on the device (``largest``) and its table reaches every
+rank by a sum in which the others send zeros (``from_rank``). Nothing here touches CUDA or the
+process group at import time.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["is_active", "rank", "world_size", "all_reduce_sum_", "broadcast_", "largest"]
+__all__ = ["is_active", "rank", "world_size", "all_reduce_sum_", "broadcast_", "largest", "from_rank"]
 
 
 def is_active(sync: bool | None) -> bool:
@@ -52,22 +54,27 @@ def all_reduce_sum_(*tensors: torch.Tensor) -> None:
 
 
 def broadcast_(tensor: torch.Tensor, src: int = 0) -> None:
-    """Overwrite ``tensor`` on every rank with its value on rank ``src``, in place."""
-    if tensor.is_contiguous():
-        dist.broadcast(tensor, src)
-        return
-    buf = tensor.contiguous()
-    dist.broadcast(buf, src)
-    tensor.copy_(buf)
+    """Overwrite ``tensor`` on every rank with its value on rank ``src``, in place (``from_rank``)."""
+    tensor.copy_(from_rank(tensor, src))
 
 
-def largest(n: int, device: torch.device) -> tuple[int, int]:
-    """``(rank, n on that rank)`` for the rank with the largest ``n`` (the lowest such rank on ties).
-
-    The source rank for sampling codes from a batch: one all-reduce of a ``[world size]`` vector.
-    """
-    counts = torch.zeros(world_size(), dtype=torch.int64, device=device)
+def largest(n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rank, n on that rank)``, 0-dim int64 tensors on ``n``'s device, for the rank with the largest
+    ``n`` (the lowest such rank on ties): the source rank for sampling codes from a batch, found by one
+    all-reduce of a ``[world size]`` vector, with no host sync."""
+    counts = torch.zeros(world_size(), dtype=torch.int64, device=n.device)
     counts[rank()] = n
     all_reduce_sum_(counts)
-    src = int(counts.argmax())
-    return src, int(counts[src])
+    return counts.argmax(), counts.max()  # argmax: the first maximum
+
+
+def from_rank(tensor: torch.Tensor, src: int | torch.Tensor) -> torch.Tensor:
+    """Rank ``src``'s ``tensor`` on every rank, where ``src`` may be a 0-dim tensor known only on the
+    device: a broadcast made of one all-reduce, in which the other ranks send zeros (x + 0 = x, so the
+    values arrive bit for bit but for the sign of a zero). An all-reduce rather than ``dist.broadcast``:
+    dynamo traces it into the graph (it cannot trace ``dist.broadcast``)."""
+    mine = src == rank()
+    mine = mine if isinstance(mine, torch.Tensor) else torch.tensor(mine, device=tensor.device)
+    out = torch.where(mine, tensor, torch.zeros_like(tensor))
+    all_reduce_sum_(out)
+    return out

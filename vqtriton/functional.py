@@ -14,9 +14,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from vqtriton import checks
-from vqtriton.autograd import Lookup, Quantize, SquaredError
-from vqtriton.backend import choose, ops
+from vqtriton import checks, custom_ops  # noqa: F401  (custom_ops registers torch.ops.vqtriton)
+from vqtriton.backend import choose
 
 __all__ = ["assign", "lookup", "squared_error", "quantize", "verify_assignment", "QuantizeResult"]
 
@@ -84,8 +83,7 @@ def assign(
         zr, c = _rows(z.detach()), codebook.detach()
         if metric == "cosine":
             zr, c = unit(zr), unit(c)
-        name = choose(zr, c, backend=backend)
-        idx, dist, _ = ops(name).assign_fwd(zr, c, precision=precision)
+        idx, dist = torch.ops.vqtriton.assign(zr, c, precision, choose(zr, c, backend=backend))
     idx = idx.reshape(z.shape[:-1])
     return (idx, dist.reshape(z.shape[:-1])) if return_distance else idx
 
@@ -103,9 +101,9 @@ def lookup(
     ``torch.are_deterministic_algorithms_enabled()``) makes it bitwise reproducible.
     """
     checks.codebook(codebook)
-    idx = checks.indices(indices, codebook.shape[0], device=codebook.device)
+    idx = checks.indices(indices, device=codebook.device)  # the values: in the op, before its launch
     name = choose(codebook, backend=backend)
-    out = Lookup.apply(idx.reshape(-1), codebook, name, deterministic_mode(deterministic))
+    out = torch.ops.vqtriton.lookup(idx.reshape(-1), codebook, name, deterministic_mode(deterministic))
     return out.reshape(*idx.shape, codebook.shape[1])
 
 
@@ -128,7 +126,7 @@ def squared_error(
     ar, br = (_rows(a), _rows(b)) if a.dim() else (a.reshape(1, 1), b.reshape(1, 1))
     # Contiguous rows: the launchers take any row stride, but the torch path's reductions would add in
     # a layout-dependent order; this way a strided view gets the bits of its contiguous copy.
-    out = SquaredError.apply(ar.contiguous(), br.contiguous(), reduction, choose(ar, br, backend=backend))
+    out = torch.ops.vqtriton.squared_error(ar.contiguous(), br.contiguous(), reduction, choose(ar, br, backend=backend))
     return out.reshape(lead) if reduction == "none" else out
 
 
@@ -138,6 +136,8 @@ def quantize(
     beta: float = 0.25,
     reduction: str = "sum",
     *,
+    mask: torch.Tensor | None = None,
+    rotation_trick: bool = False,
     precision: str = "exact",
     backend: str | None = None,
     deterministic: bool | None = None,
@@ -146,21 +146,50 @@ def quantize(
 
     ``codebook_loss = ||sg[z] - z_q||^2`` trains the codebook only, ``commitment_loss =
     ||z - sg[z_q]||^2`` trains ``z`` only, ``loss = codebook_loss + beta * commitment_loss``;
-    ``reduction`` is ``"sum"`` (the spec's squared norms) or ``"mean"`` (over ``z.numel()``).
-    The output ``z_q`` has the value ``codebook[idx]`` (in ``z.dtype``) and passes its gradient
-    to ``z`` unchanged, none to the codebook.
+    ``reduction`` is ``"sum"`` (the spec's squared norms) or ``"mean"`` (over the elements of the
+    kept vectors: ``z.numel()`` without a mask). The output ``z_q`` has the value ``codebook[idx]``
+    (in ``z.dtype``) and passes its gradient to ``z`` unchanged, none to the codebook.
+
+    ``mask`` (bool, ``z.shape[:-1]``) marks the vectors to quantize; the others get index -1, a zero
+    ``z_q`` and no gradient, and count in no loss, whatever their values (NaN padding included).
+    They are decided on the device (no host sync); each costs the work of a kept vector.
+
+    ``rotation_trick=True`` (Fifty et al., ICLR 2025): ``z_q`` keeps its value, but the gradient
+    reaching it passes to ``z`` rotated by the rotation taking ``z``'s direction to ``z_q``'s and
+    scaled by ``|z_q| / |z|`` (both held constant; norms clamped at 1e-6, as vector-quantize-pytorch
+    does), instead of unchanged. The losses' gradients do not change.
     """
     checks.codebook(codebook)
     checks.latents(z, codebook)
     checks.choice("reduction", reduction, ("sum", "mean"))
     checks.choice("precision", precision, PRECISIONS)
     beta = checks.real("beta", beta, lambda v: v >= 0, ">= 0")
+    checks.choice("rotation_trick", rotation_trick, (False, True))
     zr = _rows(z).contiguous()  # bitwise layout-independence, as in squared_error
+    keep = None
+    if mask is not None:
+        keep = checks.mask(mask, z.shape[:-1], z.device, f"z's shape without the last dim, {tuple(z.shape[:-1])}")
+        keep = keep.reshape(-1, 1)
+        zr = torch.where(keep, zr, 0)  # finite stand-ins, cut off from z's gradient
     name = choose(zr, codebook, backend=backend)
-    z_q, idx, cb, cm, total = Quantize.apply(
-        zr, codebook.contiguous(), beta, reduction, precision, name, deterministic_mode(deterministic)
+    z_q, idx, d_codebook, d_commitment = torch.ops.vqtriton.quantize(
+        zr, codebook.contiguous(), precision, name, deterministic_mode(deterministic), bool(rotation_trick)
     )
-    return QuantizeResult(z_q.reshape(z.shape), idx.reshape(z.shape[:-1]), cb, cm, total)
+    z_q, count = z_q.to(z.dtype), zr.numel()
+    if keep is not None:
+        z_q, idx = torch.where(keep, z_q, 0), torch.where(keep[:, 0], idx, -1)
+        d_codebook, d_commitment = torch.where(keep[:, 0], d_codebook, 0), torch.where(keep[:, 0], d_commitment, 0)
+        count = keep.sum() * z.shape[-1]
+    codebook_loss, commitment_loss = d_codebook.sum(), d_commitment.sum()
+    if reduction == "mean":  # the mean over no elements is NaN, as in torch.nn.functional.mse_loss
+        codebook_loss, commitment_loss = codebook_loss / count, commitment_loss / count
+    return QuantizeResult(
+        z_q.reshape(z.shape),
+        idx.reshape(z.shape[:-1]),
+        codebook_loss,
+        commitment_loss,
+        codebook_loss + beta * commitment_loss,
+    )
 
 
 def verify_assignment(
@@ -180,7 +209,8 @@ def verify_assignment(
     checks.codebook(codebook)
     checks.latents(z, codebook)
     checks.choice("metric", metric, METRICS)
-    idx = checks.indices(indices, codebook.shape[0], device=codebook.device)
+    idx = checks.indices(indices, device=codebook.device)
+    checks.index_range(idx, codebook.shape[0])
     if idx.shape != z.shape[:-1]:
         raise ValueError(f"indices must have shape z.shape[:-1] = {tuple(z.shape[:-1])}, got {tuple(idx.shape)}")
     best = assign(z, codebook, metric=metric, backend=backend)

@@ -9,20 +9,22 @@ launcher (one pass over the indices, no one-hot, no N x K) and stay float32 what
 
 One training step, in order: k-means (first batch only), ``quantize`` with the current codebook (this
 step's output, indices and loss), the EMA update, dead-code restart. Heads run that same single-codebook
-machinery once per codebook, on their group of channels.
+machinery once per codebook, on their group of channels. The state updates are the small functions of
+:mod:`vqtriton.codebook_state`; like the rest of the step they read no value on the host, so the step
+compiles whole (``torch.compile(fullgraph=True)``): see the README's torch.compile section.
 """
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from vqtriton import checks, distributed
-from vqtriton.backend import BACKENDS, choose, ops
-from vqtriton.functional import METRICS, PRECISIONS, assign, deterministic_mode, lookup, quantize, unit
+from vqtriton import codebook_state as state
+from vqtriton.backend import BACKENDS
+from vqtriton.functional import METRICS, PRECISIONS, deterministic_mode, lookup, quantize, unit
 
 __all__ = ["VectorQuantizer", "QuantizerBreakdown"]
 
@@ -43,14 +45,6 @@ class QuantizerBreakdown(NamedTuple):
     commitment_loss: torch.Tensor
     perplexity: torch.Tensor
     usage: torch.Tensor
-
-
-class _Book(NamedTuple):
-    """One codebook ``[K, d]`` and, for an EMA codebook, its statistics ``[K]`` and ``[K, d]`` (views)."""
-
-    codes: torch.Tensor
-    cluster_size: torch.Tensor | None
-    embed_sum: torch.Tensor | None
 
 
 def _usage(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,16 +73,6 @@ def _breakdown(results: list, counts: list[torch.Tensor], reduction: str) -> Qua
     )
 
 
-def _finite_rows(x: torch.Tensor) -> torch.Tensor:
-    """The rows of ``x`` without a NaN or Inf: the only ones a code may be seeded from."""
-    return x[torch.isfinite(x).all(1)]
-
-
-def _pick(n_from: int, n: int, device) -> torch.Tensor:
-    """``n`` distinct random positions in ``range(n_from)`` (``n <= n_from``)."""
-    return torch.randperm(n_from, device=device)[:n]
-
-
 class VectorQuantizer(nn.Module):
     """Nearest-code quantization of ``z``: ``z_q, indices, loss = vq(z, mask=None)``.
 
@@ -104,13 +88,15 @@ class VectorQuantizer(nn.Module):
       updates the float32 buffers ``cluster_size`` ``[K]`` and ``embed_sum`` ``[K, D]`` with the batch's
       counts ``n`` and sums ``s``: ``cluster_size <- g cluster_size + (1 - g) n``, ``embed_sum <- g
       embed_sum + (1 - g) s``, then ``codebook = embed_sum / size`` with the Laplace-smoothed
-      ``size = (cluster_size + eps) / (N + K eps) N``, ``N = sum(cluster_size)``. The step's output
-      uses the codebook from before the update.
+      ``size = (cluster_size + eps) / (N + K eps) N``, ``N = sum(cluster_size)`` (l2-normalised for the
+      cosine metric). The step's output uses the codebook from before the update.
     - ``metric="cosine"``: inputs and codes are l2-normalised (per head); ``z_q`` is the normalised code.
     - ``kmeans_init``: ``kmeans_iters`` Lloyd iterations on the first training batch seed the codebook
-      (the ``initted`` buffer records it).
+      (the ``initted`` buffer records it; a batch with no usable vector leaves it False, and eager mode
+      tries again on the next batch).
     - ``dead_code_threshold`` (EMA only): codes whose ``cluster_size`` falls below it are re-seeded
       from random vectors of the batch.
+    - Masked vectors are decided on the device: each still costs the assignment work of a kept one.
     - ``heads=H``: the ``dim`` channels split into ``H`` groups of ``dim / H``, each quantized against
       its own codebook: ``vq.codebook`` is ``[H, K, dim / H]`` (``cluster_size`` ``[H, K]``, ``embed_sum``
       ``[H, K, dim / H]``; k-means, EMA and restarts per head). With ``shared_codebook=True`` all groups
@@ -126,6 +112,8 @@ class VectorQuantizer(nn.Module):
       batches join the same collectives. Collectives happen in training mode only: every rank must run
       each training forward. A learned codebook under ``DistributedDataParallel`` needs no more (DDP
       averages its gradient); the loss and ``QuantizerBreakdown`` stay per rank.
+    - ``rotation_trick``: ``z_q``'s gradient reaches ``z`` rotated and scaled (Fifty et al., ICLR 2025)
+      rather than unchanged; see :func:`vqtriton.functional.quantize`.
     - ``reduction``: ``"mean"`` over the kept elements, or ``"sum"`` (the spec's squared norms).
     - ``precision``, ``backend``: passed to :func:`vqtriton.functional.quantize`.
     - ``deterministic`` (``None``: follow ``torch.use_deterministic_algorithms``): bitwise reproducible
@@ -152,6 +140,7 @@ class VectorQuantizer(nn.Module):
         heads: int = 1,
         shared_codebook: bool = False,
         sync: bool | None = None,
+        rotation_trick: bool = False,
         reduction: str = "mean",
         precision: str = "exact",
         backend: str | None = None,
@@ -178,6 +167,7 @@ class VectorQuantizer(nn.Module):
         if not (sync is None or isinstance(sync, bool)):
             raise TypeError(f"sync must be None, True or False, got {sync!r}")
         self.sync = sync
+        self.rotation_trick = checks.choice("rotation_trick", rotation_trick, (False, True))
         self.reduction = checks.choice("reduction", reduction, REDUCTIONS)
         self.precision = checks.choice("precision", precision, PRECISIONS)
         self.backend = checks.choice("backend", backend, (None, *BACKENDS))
@@ -196,6 +186,9 @@ class VectorQuantizer(nn.Module):
             self.register_buffer("cluster_size", torch.ones(book_shape[:-1], dtype=torch.float32))
             self.register_buffer("embed_sum", codebook.to(torch.float32, copy=True))
         self.register_buffer("initted", torch.tensor(not self.kmeans_init))
+        # Host-side mirrors of state, so that a step branches on Python values only (no sync). Loading a
+        # state_dict re-reads the first from ``initted`` (see _load_from_state_dict).
+        self._kmeans_pending = self.kmeans_init
         self._state_synced = False
 
     def extra_repr(self) -> str:
@@ -212,47 +205,56 @@ class VectorQuantizer(nn.Module):
         *,
         return_breakdown: bool = False,
         reduction: str | None = None,
+        _active: torch.Tensor | None = None,
     ):
         """``(z_q, indices, loss)``, plus a :class:`QuantizerBreakdown` with ``return_breakdown``.
 
-        ``reduction`` overrides the layer's own for this call (``VQVAE.loss`` uses it).
+        ``reduction`` overrides the layer's own for this call (``VQVAE.loss`` uses it). ``_active`` (a
+        0-dim bool tensor, for ``ResidualVQ``'s quantize dropout): where False the call is a level that
+        did not run: every vector is masked and the codebook does not change.
         """
         reduction = self.reduction if reduction is None else checks.choice("reduction", reduction, REDUCTIONS)
         rows, lead = self._rows(z)
         checks.same_device(z=z, codebook=self.codebook)
         keep = self._kept(mask, lead, z)
+        if _active is not None:
+            keep = _active.expand(rows.shape[0]) if keep is None else keep & _active
         # No autocast inside: assignment stays exact and statistics fp32 on every backend, torch included.
         with torch.autocast(z.device.type, enabled=False):
-            # The kept rows, in the wider of z's and the codebook's dtype, as the metric compares them.
-            x = rows if keep is None else rows.index_select(0, keep)
-            x = x.to(torch.promote_types(z.dtype, self.codebook.dtype))
+            # The rows, in the wider of z's and the codebook's dtype, as the metric compares them.
+            x = rows.to(torch.promote_types(z.dtype, self.codebook.dtype))
             parts = [self._to_metric(p) for p in self._split(x)]  # one [n, dim / H] per codebook
+            kept = self._split_keep(keep, x.shape[0])  # one [n] bool (or None) per codebook
             sync = self.training and distributed.is_active(self.sync)
             if sync and not self._state_synced:
                 self._broadcast_state()
-            if self.training and self.kmeans_init and not self.initted:
-                # A list, not a generator: every codebook runs (and joins its collectives) on every rank.
-                if all([self._kmeans(b, p.detach(), sync) for b, p in enumerate(parts)]):
-                    self.initted.fill_(True)
-            # The mean over no elements would be NaN: an empty batch (a rank's share, say) adds 0 instead.
-            red = reduction if x.shape[0] else "sum"
+            if self.training and self._kmeans_pending:
+                self._kmeans(parts, kept, sync)
             results = [
-                quantize(
-                    p, self._codes(b, p.dtype), self.beta, red,
-                    precision=self.precision, backend=self.backend, deterministic=self.deterministic,
+                self._scaled(
+                    quantize(
+                        p, self._codes(b, p.dtype), self.beta, "sum", mask=m, rotation_trick=self.rotation_trick,
+                        precision=self.precision, backend=self.backend, deterministic=self.deterministic,
+                    ),
+                    m, p, reduction,
                 )
-                for b, p in enumerate(parts)
+                for b, (p, m) in enumerate(zip(parts, kept))
             ]
             losses = [r.loss if self.ema_decay is None else self.beta * r.commitment_loss for r in results]
             ema_step = self.training and self.ema_decay is not None
             if ema_step or return_breakdown:
-                stats = [self._code_stats(r.indices, p, sums=ema_step) for r, p in zip(results, parts)]
+                stats = [
+                    state.code_stats(r.indices, p if ema_step else None, self.num_codes, backend=self.backend,
+                                     deterministic=deterministic_mode(self.deterministic))
+                    for r, p in zip(results, parts)
+                ]
             if return_breakdown:  # this rank's counts, before the EMA step sums them over ranks
                 breakdown = _breakdown(results, [counts for counts, _ in stats], reduction)
             if ema_step:
-                self._ema_step(stats, [p.detach() for p in parts], sync)
+                self._ema_step(stats, parts, kept, sync, _active)
         z_q, indices = self._join([r.z_q for r in results], [r.indices for r in results], x.shape[0])
-        z_q, indices = self._unrows(z_q, indices, keep, lead, z)
+        z_q = z_q.to(z.dtype).reshape(*lead, self.dim).movedim(-1, self.channel_dim)
+        indices = indices.reshape(*lead, *indices.shape[1:])
         loss = _combine(losses, reduction)
         return (z_q, indices, loss, breakdown) if return_breakdown else (z_q, indices, loss)
 
@@ -298,18 +300,11 @@ class VectorQuantizer(nn.Module):
         return z.reshape(-1, self.dim), z.shape[:-1]
 
     def _kept(self, mask, lead: torch.Size, z: torch.Tensor) -> torch.Tensor | None:
-        """Row indices of the vectors to quantize, or None for all of them."""
+        """The flat bool mask ``[N]`` of the vectors to quantize, or None for all of them."""
         if mask is None:
             return None
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-            raise TypeError(f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
-        if mask.shape != lead:
-            raise ValueError(
-                f"mask must have z's shape without the channel dim, {tuple(lead)} for z {tuple(z.shape)}, "
-                f"got {tuple(mask.shape)}"
-            )
-        checks.same_device(mask=mask, z=z)
-        return mask.reshape(-1).nonzero().squeeze(1)
+        what = f"z's shape without the channel dim, {tuple(lead)} for z {tuple(z.shape)}"
+        return checks.mask(mask, lead, z.device, what).reshape(-1)
 
     def _split(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Rows ``[n, D]`` as the rows each codebook quantizes: ``[n, D]``; ``[n H, D / H]`` for a shared
@@ -328,147 +323,95 @@ class VectorQuantizer(nn.Module):
             return z_qs[0].reshape(n, self.dim), indices[0].reshape(n, self.heads)
         return torch.cat(z_qs, 1), torch.stack(indices, 1)
 
-    def _unrows(self, z_q, indices, keep, lead: torch.Size, z: torch.Tensor):
-        """Rows of kept vectors back to ``z``'s layout and dtype: zeros and index -1 where masked."""
-        per_row = indices.shape[1:]  # () or (H,)
-        if keep is not None:
-            n = math.prod(lead)
-            z_q = z_q.new_zeros(n, self.dim).index_copy(0, keep, z_q)
-            indices = indices.new_full((n, *per_row), -1).index_copy(0, keep, indices)
-        z_q = z_q.to(z.dtype).reshape(*lead, self.dim).movedim(-1, self.channel_dim)
-        return z_q, indices.reshape(*lead, *per_row)
+    def _split_keep(self, keep: torch.Tensor | None, n: int) -> list[torch.Tensor | None]:
+        """The mask of each codebook's rows (as ``_split`` cuts them) from the mask of the ``n`` vectors."""
+        if keep is not None and self.heads > 1 and self.shared_codebook:
+            keep = keep.unsqueeze(1).expand(n, self.heads).reshape(-1)
+        return [keep] * self.num_books
+
+    def _scaled(self, r, keep: torch.Tensor | None, x: torch.Tensor, reduction: str):
+        """A ``quantize`` result of sums as the layer reports it: ``"mean"`` divides by the number of
+        kept elements, at least 1 (a batch with no kept vector has loss 0, not NaN)."""
+        if reduction == "sum":
+            return r
+        count = (x.shape[0] if keep is None else keep.sum()) * x.shape[1]
+        count = max(count, 1) if keep is None else count.clamp_min(1)
+        cb, cm = r.codebook_loss / count, r.commitment_loss / count
+        return r._replace(codebook_loss=cb, commitment_loss=cm, loss=cb + self.beta * cm)
 
     def _to_metric(self, t: torch.Tensor, dim: int = -1) -> torch.Tensor:
         return unit(t, dim, t.dtype) if self.metric == "cosine" else t
 
     # --- one codebook: the b-th of num_books ---------------------------------------------------
 
-    def _book(self, b: int) -> _Book:
+    def _book(self, b: int) -> state.Book:
         """Codebook ``b`` and its statistics, as views: writing to them updates the module's tensors."""
-        stats = (None, None) if self.ema_decay is None else (self.cluster_size, self.embed_sum)
-        book = _Book(self.codebook, *stats)
-        return book if self.num_books == 1 else _Book(*(None if t is None else t[b] for t in book))
+        tensors = (self.codebook, None, None) if self.ema_decay is None else (self.codebook, self.cluster_size, self.embed_sum)
+        if self.num_books > 1:
+            tensors = tuple(None if t is None else t[b] for t in tensors)
+        return state.Book(*tensors, self._to_metric)
 
     def _codes(self, b: int, dtype: torch.dtype) -> torch.Tensor:
-        """Codebook ``b`` as the quantizer compares it, in ``dtype``. An EMA codebook is copied: the EMA
-        step rewrites the buffer in place while autograd still holds this step's codes."""
-        codes = self._book(b).codes
-        codes = codes if self.ema_decay is None else codes.detach().clone()
-        return self._to_metric(codes.to(dtype))
+        """Codebook ``b`` as the quantizer compares it, in ``dtype``. (No copy for an EMA codebook, which
+        the EMA step rewrites in place: the backward reads the codes from the step's own z_q.)"""
+        return self._to_metric(self._book(b).codes.to(dtype))
 
-    # --- codebook updates (training mode) --------------------------------------------------------
+    # --- codebook updates (training mode): the functions of codebook_state ------------------------
 
-    def _code_stats(self, indices: torch.Tensor, x: torch.Tensor, sums: bool = True):
-        """Per-code counts (float32 ``[K]``) and, with ``sums``, float32 sums ``[K, d]`` of the rows ``x``."""
-        x = x.detach().float().contiguous()
-        launch = ops(choose(x, backend=self.backend)).code_stats
-        deterministic = deterministic_mode(self.deterministic)
-        return launch(indices, x if sums else None, self.num_codes, deterministic=deterministic)
+    def _valid(self, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        """The rows a code may be seeded from: kept, and all finite."""
+        finite = torch.isfinite(x).all(1)
+        return finite if keep is None else finite & keep
 
     @torch.no_grad()
     def _broadcast_state(self) -> None:
         """Rank 0's codebook, statistics and ``initted`` on every rank (the first synchronised step)."""
-        for name in ("codebook", *_FP32_STATS):
-            if hasattr(self, name):
-                distributed.broadcast_(getattr(self, name).data, 0)
-        flag = self.initted.to(torch.int32)  # a bool tensor is not a portable collective dtype
-        distributed.broadcast_(flag, 0)
-        self.initted.copy_(flag.bool())
+        names = [n for n in ("codebook", *_FP32_STATS) if hasattr(self, n)]
+        state.broadcast_([getattr(self, n).data for n in names], self.initted)
         self._state_synced = True
+        if not torch.compiler.is_compiling():  # compiled, every rank keeps its own mirror (load on every rank)
+            self._read_kmeans_pending()
 
     @torch.no_grad()
-    def _kmeans(self, b: int, x: torch.Tensor, sync: bool) -> bool:
-        """Seed every code of codebook ``b`` by Lloyd's k-means on the rows ``x`` (assign + code_stats);
-        empty clusters keep their centre. Starts from distinct rows (with replacement when there are
-        fewer rows than codes). Synchronised, the start is sampled on the rank with the most rows and
-        every iteration sums the statistics over ranks. False when there was no row to start from."""
-        k = self.num_codes
-        x = _finite_rows(x.float())
-        src, n = distributed.largest(x.shape[0], x.device) if sync else (None, x.shape[0])
-        if n == 0:
-            return False
-        centres = x.new_zeros(k, x.shape[1])
-        if not sync or distributed.rank() == src:
-            pick = _pick(n, k, x.device) if n >= k else torch.randint(n, (k,), device=x.device)
-            centres = x[pick]
-        if sync:
-            distributed.broadcast_(centres, src)
-        for _ in range(self.kmeans_iters):
-            counts, sums = self._code_stats(assign(x, centres, backend=self.backend), x)
-            if sync:
-                distributed.all_reduce_sum_(counts, sums)
-            means = self._to_metric(sums / counts.clamp_min(1).unsqueeze(1))
-            centres = torch.where(counts.unsqueeze(1) > 0, means, centres)
-        self._reseed(b, torch.arange(k, device=x.device), centres)
-        return True
+    def _kmeans(self, parts: list[torch.Tensor], kept: list, sync: bool) -> None:
+        """Seed every code of every codebook by k-means on its rows (``codebook_state.kmeans``). A codebook
+        with no usable row keeps its codes; ``initted`` becomes True when every codebook found rows."""
+        found = []
+        for b, (p, keep) in enumerate(zip(parts, kept)):
+            x = p.detach().float()
+            centres, ok = state.kmeans(
+                x, self._valid(x, keep), self.num_codes, self.kmeans_iters, normalise=self._to_metric,
+                backend=self.backend, deterministic=deterministic_mode(self.deterministic), sync=sync,
+            )
+            state.reseed_(self._book(b), ok.expand(self.num_codes), centres, self.dead_code_threshold, self.eps)
+            found.append(ok)
+        self.initted.copy_(self.initted | torch.stack(found).all())
+        # Compiled, nothing can be read: the k-means step counts as done (``initted`` holds the truth).
+        self._kmeans_pending = False if torch.compiler.is_compiling() else self._read_kmeans_pending()
+
+    def _read_kmeans_pending(self) -> bool:
+        """``initted`` read into its host mirror: one sync, on the rare occasions that change it."""
+        self._kmeans_pending = self.kmeans_init and not bool(self.initted)
+        return self._kmeans_pending
 
     @torch.no_grad()
-    def _ema_step(self, stats: list, parts: list[torch.Tensor], sync: bool) -> None:
+    def _ema_step(self, stats: list, parts: list[torch.Tensor], kept: list, sync: bool, active) -> None:
         """EMA update and dead-code restart of every codebook; synchronised, the per-code counts and sums
         of all codebooks are first summed over ranks (one collective)."""
         if sync:
             distributed.all_reduce_sum_(*(counts for counts, _ in stats), *(sums for _, sums in stats))
-        for b, ((counts, sums), x) in enumerate(zip(stats, parts)):
-            self._ema_update(b, counts, sums)
-            self._restart_dead_codes(b, x, sync)
+        for b, ((counts, sums), x, keep) in enumerate(zip(stats, parts, kept)):
+            book = self._book(b)
+            state.ema_update_(book, counts, sums, self.ema_decay, self.eps, active)
+            if self.dead_code_threshold > 0:
+                x = x.detach()
+                state.restart_dead_codes_(
+                    book, x, self._valid(x, keep), self.dead_code_threshold, self.eps, sync=sync, active=active
+                )
 
-    @torch.no_grad()
-    def _ema_update(self, b: int, counts: torch.Tensor, sums: torch.Tensor) -> None:
-        """One EMA step of codebook ``b`` from the batch's per-code counts ``[K]`` and sums ``[K, d]`` (float32)."""
-        g, book = self.ema_decay, self._book(b)
-        book.cluster_size.mul_(g).add_(counts, alpha=1.0 - g)
-        book.embed_sum.mul_(g).add_(sums, alpha=1.0 - g)
-        self._refresh_codebook(book)
-
-    @torch.no_grad()
-    def _restart_dead_codes(self, b: int, x: torch.Tensor, sync: bool) -> None:
-        """Re-seed the codes of codebook ``b`` whose EMA cluster size is below the threshold from distinct
-        random rows of ``x``; with more dead codes than rows, a random subset now and the rest on later
-        batches. Synchronised, the dead set is the same on every rank (the statistics are) and the rows
-        come from the rank with the most of them, sent as a ``[K, d + 1]`` table (new code, flag)."""
-        if self.dead_code_threshold <= 0:
-            return
-        dead = torch.nonzero(self._book(b).cluster_size < self.dead_code_threshold).squeeze(1)
-        if dead.numel() == 0:
-            return
-        x = _finite_rows(x)
-        src, rows = distributed.largest(x.shape[0], x.device) if sync else (None, x.shape[0])
-        n = min(dead.numel(), rows)
-        if n == 0:
-            return
-        if not sync:
-            self._reseed(b, dead[_pick(dead.numel(), n, dead.device)], x[_pick(rows, n, x.device)])
-            return
-        table = x.new_zeros(self.num_codes, x.shape[1] + 1)
-        if distributed.rank() == src:
-            which = dead[_pick(dead.numel(), n, dead.device)]
-            table[which, :-1] = x[_pick(rows, n, x.device)]
-            table[which, -1] = 1
-        distributed.broadcast_(table, src)
-        which = torch.nonzero(table[:, -1] > 0).squeeze(1)
-        self._reseed(b, which, table[which, :-1])
-
-    @torch.no_grad()
-    def _reseed(self, b: int, which: torch.Tensor, values: torch.Tensor) -> None:
-        """Set the codes ``which`` of codebook ``b`` to ``values``. EMA codes restart as fresh ones, cluster
-        size 1 (the dead-code threshold if higher) and the matching sum; the codebook is then recomputed
-        from the statistics, so it stays ``embed_sum / size`` for every code."""
-        book = self._book(b)
-        if self.ema_decay is None:
-            book.codes.index_copy_(0, which, values.to(book.codes.dtype))
-            return
-        book.cluster_size.index_fill_(0, which, max(1.0, self.dead_code_threshold))
-        size = self._smoothed_sizes(book).index_select(0, which)
-        book.embed_sum.index_copy_(0, which, values.float() * size.unsqueeze(1))
-        self._refresh_codebook(book)
-
-    def _smoothed_sizes(self, book: _Book) -> torch.Tensor:
-        """Laplace-smoothed cluster sizes ``(cluster_size + eps) / (N + K eps) * N``, ``N = sum(cluster_size)``."""
-        n = book.cluster_size.sum()
-        return (book.cluster_size + self.eps) / (n + self.num_codes * self.eps) * n
-
-    def _refresh_codebook(self, book: _Book) -> None:
-        book.codes.copy_(book.embed_sum / self._smoothed_sizes(book).unsqueeze(1))
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._read_kmeans_pending()
 
     # --- dtype casts ------------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ gradients of each term under the VQ-VAE stop-gradients (``sg``):
     commitment term  d/d z_e = 2 (z_e - z_q),    d/d codebook = 0
     reconstruction   d/d decoder output = 2 (dec(z_q) - x)
     straight-through the quantizer's output z_e + sg[z_q - z_e] passes its gradient to z_e unchanged
+    rotation trick   ... or rotated and scaled: lam R^T g (Fifty et al., ICLR 2025), ``rotation_trick_grad``
 
 This module imports NumPy only (not torch, triton, nor the rest of vqtriton).
 """
@@ -49,6 +50,8 @@ __all__ = [
     "commitment_loss_grad",
     "loss_grad",
     "straight_through_grad",
+    "rotation_matrix",
+    "rotation_trick_grad",
 ]
 
 # Rows of z per chunk in squared_distances: bounds memory at _CHUNK * K * D float64 values.
@@ -200,6 +203,31 @@ def commitment_loss_grad(model: Model, x, idx) -> tuple[np.ndarray, np.ndarray]:
 def straight_through_grad(grad_z_q) -> np.ndarray:
     """Gradient reaching ``z_e`` through the quantizer's output ``z_e + sg[z_q - z_e]``: unchanged."""
     return _f64(grad_z_q)
+
+
+def rotation_matrix(z_e, z_q, eps: float = 1e-6) -> np.ndarray:
+    """The rotation trick's ``[..., D, D]`` matrices ``R = I - 2 w w^T + 2 q u^T`` with ``u = z_e / |z_e|``,
+    ``q = z_q / |z_q|``, ``w = (u + q) / |u + q|`` (Fifty et al., "Restructuring Vector Quantization
+    with the Rotation Trick", ICLR 2025, section 4.2): the rotation in the plane of u and q taking u to
+    q. Norms are clamped at ``eps`` (vector-quantize-pytorch's safe division)."""
+    z_e, z_q = _f64(z_e), _f64(z_q)
+
+    def unit(a):
+        return a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), eps)
+
+    u, q = unit(z_e), unit(z_q)
+    w = unit(u + q)
+    eye = np.eye(z_e.shape[-1])
+    return eye - 2.0 * w[..., :, None] * w[..., None, :] + 2.0 * q[..., :, None] * u[..., None, :]
+
+
+def rotation_trick_grad(z_e, z_q, grad_z_q, eps: float = 1e-6) -> np.ndarray:
+    """Gradient reaching ``z_e`` through the rotation trick's output ``sg[lam R] z_e`` (value ``z_q``,
+    ``lam = |z_q| / |z_e|``): ``lam R^T grad_z_q``, with the explicit matrices of ``rotation_matrix``."""
+    z_e, z_q = _f64(z_e), _f64(z_q)
+    lam = np.linalg.norm(z_q, axis=-1) / np.maximum(np.linalg.norm(z_e, axis=-1), eps)
+    r = rotation_matrix(z_e, z_q, eps)
+    return lam[..., None] * np.einsum("...ij,...i->...j", r, _f64(grad_z_q))
 
 
 def loss_grad(model: Model, beta, x, idx, grad_decoder_input) -> tuple[np.ndarray, np.ndarray]:

@@ -36,10 +36,12 @@ class ResidualVQ(nn.Module):
       per step. (The levels' own ``shared_codebook``, for heads, cannot be set through ``layer_kwargs``.)
     - ``quantize_dropout=p``: in training mode, with probability ``p`` a step keeps only the first
       ``n`` levels, ``n`` uniform in ``1 .. num_quantizers - 1``, for the whole batch (SoundStream's bitrate
-      dropout). The dropped levels do not run (no EMA update): their indices are -1, their losses 0. When
-      the levels synchronise over ``torch.distributed``, rank 0's draw is broadcast, so every rank runs the
-      same levels and joins the same collectives. Under ``DistributedDataParallel`` a dropped level's learned
-      codebook gets no gradient that step: wrap with ``find_unused_parameters=True``.
+      dropout). A dropped level's indices are -1, its loss 0, its codebook unchanged (no EMA step, no
+      restart). The draw stays on the device, so there is no host sync and the step compiles whole: a
+      dropped level is a level whose every vector is masked, and still costs its assignment work. When
+      the levels synchronise over ``torch.distributed``, rank 0's draw is broadcast. Under
+      ``DistributedDataParallel`` a dropped level's learned codebook gets a zero gradient. While a level
+      still waits for its k-means initialisation, no level is dropped.
     """
 
     def __init__(
@@ -76,20 +78,18 @@ class ResidualVQ(nn.Module):
     def forward(self, z: torch.Tensor, mask: torch.Tensor | None = None, *, return_all_losses: bool = False):
         """``(z_q, indices, loss)``, plus the per-level losses ``[num_quantizers]`` with ``return_all_losses``."""
         checks.float_tensor("z", z)
-        active = self._active_levels(z.device)
+        levels = self._levels(z.device)
         residual = z.to(torch.promote_types(z.dtype, torch.float32))
         out, indices, losses = None, [], []
-        for layer in self.layers[:active]:
-            q, idx, loss = layer(residual, mask)
+        for l, layer in enumerate(self.layers):
+            active = None if levels is None or l == 0 else levels > l
+            q, idx, loss = layer(residual, mask, _active=active)
             # Level 0's straight-through output carries the gradient to z once; later levels add values only.
             out = q if out is None else out + q.detach()
             # Detached codes: every residual keeps dr/dz = I, so each level's commitment reaches z.
             residual = residual - q.detach()
             indices.append(idx)
             losses.append(loss)
-        for _ in range(active, self.num_quantizers):
-            indices.append(torch.full_like(indices[0], -1))
-            losses.append(losses[0].new_zeros(()))
         all_losses = torch.stack(losses)
         result = (out.to(z.dtype), torch.stack(indices, -1), all_losses.sum())
         return (*result, all_losses) if return_all_losses else result
@@ -106,14 +106,15 @@ class ResidualVQ(nn.Module):
 
     decode = get_output_from_indices
 
-    def _active_levels(self, device: torch.device) -> int:
-        """How many leading levels run this call: all of them, or fewer under quantize dropout."""
+    def _levels(self, device: torch.device) -> torch.Tensor | None:
+        """How many leading levels run this call, as a 0-dim int64 tensor on ``device`` (None: all of them)."""
         q = self.num_quantizers
         if not (self.training and self.quantize_dropout > 0 and q > 1):
-            return q
-        active = int(torch.randint(1, q, ())) if float(torch.rand(())) < self.quantize_dropout else q
+            return None
+        if any(layer._kmeans_pending for layer in self.layers):
+            return None  # every level sees this batch, so every level can take its k-means step
+        drop = torch.rand((), device=device) < self.quantize_dropout
+        levels = torch.where(drop, torch.randint(1, q, (), device=device), q)
         if distributed.is_active(self.layers[0].sync):
-            shared = torch.tensor([active], device=device)
-            distributed.broadcast_(shared, 0)
-            active = int(shared)
-        return active
+            distributed.broadcast_(levels, 0)
+        return levels

@@ -161,23 +161,48 @@ def code_stats(
     return counts, sums
 
 
+# vector-quantize-pytorch's clamp of the norms in the rotation trick (kernels/quantize.py: the same).
+ROTATION_EPS = 1e-6
+
+
+def rotation(z: torch.Tensor, z_q: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """The rotation trick's gradient for ``z`` from the gradient ``g`` reaching ``z_q`` (rows ``[N, D]``,
+    computed in their dtype): ``lam R^T g`` with ``R = I - 2 w w^T + 2 q u^T``, ``u = z / |z|``,
+    ``q = z_q / |z_q|``, ``w = (u + q) / |u + q|``, ``lam = |z_q| / |z|``, all held constant
+    (Fifty et al. 2024, section 4.2), norms clamped at ``ROTATION_EPS``."""
+    u = z / z.norm(dim=1, keepdim=True).clamp_min(ROTATION_EPS)
+    q = z_q / z_q.norm(dim=1, keepdim=True).clamp_min(ROTATION_EPS)
+    w = (u + q) / (u + q).norm(dim=1, keepdim=True).clamp_min(ROTATION_EPS)
+    lam = z_q.norm(dim=1, keepdim=True) / z.norm(dim=1, keepdim=True).clamp_min(ROTATION_EPS)
+    dot = lambda a, b: (a * b).sum(1, keepdim=True)  # noqa: E731
+    return lam * (g - 2.0 * dot(w, g) * w + 2.0 * dot(q, g) * u)
+
+
 def quantize_backward(
     z: torch.Tensor,
-    codebook: torch.Tensor,
+    z_q: torch.Tensor,
     idx: torch.Tensor,
     grad_out: torch.Tensor | None,
-    coef: torch.Tensor,
+    w: torch.Tensor,
+    v: torch.Tensor | None,
+    num_codes: int,
     *,
     deterministic: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused VQ backward with ``coef = (coef_z, coef_codebook)``, ``z_q = codebook[idx]``:
+    rotate: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Fused VQ backward from the forward's codes ``z_q = codebook[idx]`` and per-row weights
+    ``w, v [N]`` (the gradients reaching each row's commitment and codebook distance):
 
-    ``dz = grad_out + coef_z (z - z_q)`` and ``dcodebook = scatter_idx coef_codebook (z_q - z)``.
+    ``dz = G + 2 w (z - z_q)`` and ``dcodebook = scatter_idx 2 v (z_q - z)`` (None when ``v`` is), with
+    ``G = grad_out``, or its ``rotation`` when ``rotate``.
     """
-    dt = acc_dtype(z, codebook)
-    coef = coef.to(dt)
-    diff = gather(idx, codebook).to(dt) - z.to(dt)
-    dz = -coef[0] * diff
+    dt = acc_dtype(z, z_q)
+    diff = z_q.to(dt) - z.to(dt)
+    dz = (-2.0 * w.to(dt)).unsqueeze(1) * diff
     if grad_out is not None:
-        dz = dz + grad_out.to(dt)
-    return dz.to(z.dtype), scatter_add(idx, coef[1] * diff, codebook.shape[0], deterministic=deterministic)
+        g = grad_out.to(dt)
+        dz = dz + (rotation(z.to(dt), z_q.to(dt), g) if rotate else g)
+    if v is None:
+        return dz.to(z.dtype), None
+    rows = (2.0 * v.to(dt)).unsqueeze(1) * diff
+    return dz.to(z.dtype), scatter_add(idx, rows, num_codes, deterministic=deterministic)
