@@ -62,6 +62,15 @@ def test_bench_writes_json_and_png(tmp_path, capsys):
     assert_png(tmp_path / "report.png")
 
 
+def test_bench_providers_and_reps(tmp_path):
+    args = ["bench", "--device", "cpu", "--shapes", "200x20x4", "--providers", "layer/vqtriton,layer/vqtriton-compat",
+            "--reps", "2", "--out", str(tmp_path)]
+    assert cli.main(args) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert {(r["op"], r["provider"]) for r in report["rows"]} == {("layer", "vqtriton"), ("layer", "vqtriton-compat")}
+    assert report["meta"]["reps"] == 2
+
+
 def test_demo_trains_saves_and_resumes(tmp_path, capsys):
     args = ["demo", "--steps", "40", "--codes", "16", "--device", "cpu", "--backend", "torch", "--out", str(tmp_path)]
     assert cli.main(args) == 0

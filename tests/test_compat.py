@@ -54,9 +54,9 @@ CONFIGS = {
 SHAPES = {"bnd": (3, 17, DIM), "bdn": (3, DIM, 17), "image": (2, DIM, 5, 4), "video": (2, DIM, 3, 2, 4), "bd": (29, DIM)}
 
 
-def inputs(layout, masked, requires_grad=False):
-    x = torch.randn(SHAPES[layout]).requires_grad_(requires_grad)
-    mask = torch.rand(x.shape[0], x.shape[1]) > 0.3 if masked else None
+def inputs(layout, masked, device, requires_grad=False):
+    x = torch.randn(SHAPES[layout], device=device).requires_grad_(requires_grad)
+    mask = torch.rand(x.shape[0], x.shape[1], device=device) > 0.3 if masked else None
     return x, mask
 
 
@@ -64,12 +64,12 @@ def call(module, x, mask):
     return module(x) if mask is None else module(x, mask=mask)
 
 
-def trained_vqp(kwargs, layout, masked, steps=3):
+def trained_vqp(kwargs, layout, masked, device, steps=3):
     """vqp after a few training steps: EMA updates, or SGD on a learnable codebook and projections."""
-    vqp = VQP(DIM, K, **kwargs).train()
+    vqp = VQP(DIM, K, **kwargs).to(device).train()
     opt = torch.optim.SGD([p for p in vqp.parameters() if p.requires_grad], lr=0.5) if list(vqp.parameters()) else None
     for _ in range(steps):
-        x, mask = inputs(layout, masked, requires_grad=True)
+        x, mask = inputs(layout, masked, device, requires_grad=True)
         out, _, loss = call(vqp, x, mask)
         if opt is not None:
             opt.zero_grad()
@@ -78,8 +78,8 @@ def trained_vqp(kwargs, layout, masked, steps=3):
     return vqp
 
 
-def ours_from(vqp, kwargs, backend):
-    ours = VectorQuantize(DIM, K, **kwargs, backend=backend)
+def ours_from(vqp, kwargs, backend, device):
+    ours = VectorQuantize(DIM, K, **kwargs, backend=backend).to(device)
     ours.load_state_dict(vqp.state_dict())
     return ours
 
@@ -90,15 +90,15 @@ def close(a, b, what, rtol=1e-5, atol=1e-6):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("config", list(CONFIGS))
-def test_parity_with_vqp_after_loading_its_checkpoint(config, backend):
+def test_parity_with_vqp_after_loading_its_checkpoint(config, backend, device):
     kwargs, layout, masked = CONFIGS[config]
-    vqp = trained_vqp(kwargs, layout, masked)
-    ours = ours_from(vqp, kwargs, backend)
+    vqp = trained_vqp(kwargs, layout, masked, device)
+    ours = ours_from(vqp, kwargs, backend, device)
     assert bool(ours.quantizer.initted) == bool(vqp._codebook.initted)
 
     # Eval mode: the same indices, the same quantized values, a zero loss.
     vqp.eval(), ours.eval()
-    x, mask = inputs(layout, masked)
+    x, mask = inputs(layout, masked, device)
     with torch.no_grad():
         want, got = call(vqp, x, mask), call(ours, x, mask)
     assert torch.equal(got[1], want[1]), config
@@ -110,8 +110,8 @@ def test_parity_with_vqp_after_loading_its_checkpoint(config, backend):
 
     # Training mode, one step: outputs, loss and every gradient.
     vqp.train(), ours.train()
-    x, mask = inputs(layout, masked, requires_grad=True)
-    w = torch.randn(x.shape)
+    x, mask = inputs(layout, masked, device, requires_grad=True)
+    w = torch.randn(x.shape, device=device)
     results = []
     for module in (vqp, ours):
         module.zero_grad(set_to_none=True)
@@ -139,17 +139,17 @@ def test_parity_with_vqp_after_loading_its_checkpoint(config, backend):
 
 
 @pytest.mark.parametrize("config", ["ema", "learnable-heads-separate", "ema-projection-layernorm", "frozen"])
-def test_our_checkpoint_loads_into_vqp(config):
+def test_our_checkpoint_loads_into_vqp(config, device):
     """ours -> vqp: the same indices and outputs; also nested in a model (prefixed keys)."""
     kwargs, layout, masked = CONFIGS[config]
-    ours = VectorQuantize(DIM, K, **kwargs, backend="torch").train()
+    ours = VectorQuantize(DIM, K, **kwargs).to(device).train()
     for _ in range(3):  # train ours: EMA steps (or nothing to learn without an optimiser)
-        call(ours, *inputs(layout, masked))
-    parent_ours, parent_vqp = nn.ModuleDict({"vq": ours}), nn.ModuleDict({"vq": VQP(DIM, K, **kwargs)})
+        call(ours, *inputs(layout, masked, device))
+    parent_ours, parent_vqp = nn.ModuleDict({"vq": ours}), nn.ModuleDict({"vq": VQP(DIM, K, **kwargs)}).to(device)
     parent_vqp.load_state_dict(parent_ours.state_dict())
-    twin = nn.ModuleDict({"vq": VectorQuantize(DIM, K, **kwargs, backend="torch")})
+    twin = nn.ModuleDict({"vq": VectorQuantize(DIM, K, **kwargs)}).to(device)
     twin.load_state_dict(parent_vqp.state_dict())  # and back
-    x, mask = inputs(layout, masked)
+    x, mask = inputs(layout, masked, device)
     for m in (ours, parent_vqp["vq"], twin["vq"]):
         m.eval()
     with torch.no_grad():
@@ -243,17 +243,17 @@ def test_invalid_combinations_as_vqp():
         VectorQuantize(DIM, K)(torch.randn(4, DIM), mask=torch.ones(4, dtype=torch.bool))
 
 
-def test_lens_is_a_mask():
-    vq = VectorQuantize(DIM, K, backend="torch").eval()
-    x = torch.randn(3, 7, DIM)
-    lens = torch.tensor([7, 2, 0])
-    a, b = vq(x, lens=lens), vq(x, mask=torch.arange(7) < lens[:, None])
+def test_lens_is_a_mask(device):
+    vq = VectorQuantize(DIM, K).to(device).eval()
+    x = torch.randn(3, 7, DIM, device=device)
+    lens = torch.tensor([7, 2, 0], device=device)
+    a, b = vq(x, lens=lens), vq(x, mask=torch.arange(7, device=device) < lens[:, None])
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and bool((a[1][2] == -1).all())
 
 
-def test_loss_breakdown():
-    vq = VectorQuantize(DIM, K, commitment_weight=0.4, backend="torch")
-    out, idx, loss, parts = vq(torch.randn(2, 9, DIM), return_loss_breakdown=True)
+def test_loss_breakdown(device):
+    vq = VectorQuantize(DIM, K, commitment_weight=0.4).to(device)
+    out, idx, loss, parts = vq(torch.randn(2, 9, DIM, device=device), return_loss_breakdown=True)
     assert isinstance(parts, compat.LossBreakdown)
     close(loss, 0.4 * parts.commitment, "loss = commitment_weight * commitment")
     assert parts.codebook_diversity == parts.orthogonal_reg == parts.inplace_optimize == 0

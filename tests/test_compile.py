@@ -17,6 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import vqtriton as vqt
 from vqtriton import custom_ops
+from vqtriton.compat import VectorQuantize
 from vqtriton.backend import ops
 from vqtriton.torch_ops import __all__ as LAUNCHERS
 
@@ -101,6 +102,7 @@ def _layer_cases():
         "kmeans": (lambda be: vqt.VectorQuantizer(12, 37, kmeans_init=True, kmeans_iters=3, ema_decay=0.9, backend=be), rows),
         "deterministic": (lambda be: vqt.VectorQuantizer(12, 37, deterministic=True, backend=be), rows),
         "rotation-trick": (lambda be: vqt.VectorQuantizer(12, 37, rotation_trick=True, backend=be), masked),
+        "vqp-compat": (lambda be: VectorQuantize(12, 37, threshold_ema_dead_code=0.5, backend=be), rows),
         "residual-dropout": (
             lambda be: vqt.ResidualVQ(12, 37, 3, quantize_dropout=0.6, ema_decay=0.9, dead_code_threshold=0.5, backend=be),
             rows,

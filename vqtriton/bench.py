@@ -216,6 +216,10 @@ PROVIDERS: dict[str, dict[str, Callable[[Inputs], Callable[[], Any]]]] = {
             x,
         ),
         "eager": lambda x: _layer(EagerVQ(*x.dk), x),
+        # The drop-in, with vector-quantize-pytorch's defaults (EMA codebook, rotation trick): the pair to vqp's.
+        "vqtriton-compat": lambda x: _layer(
+            _import("vqtriton.compat", "VectorQuantize")(*x.dk, backend=_backend(x)), x, batched=True
+        ),
         # vector-quantize-pytorch's defaults (EMA codebook, rotation trick), as users run it
         "vqp": lambda x: _layer(_import("vector_quantize_pytorch", "VectorQuantize")(*x.dk), x, batched=True),
     },

@@ -46,7 +46,8 @@ def cmd_bench(args) -> int:
     shapes = None
     if args.shapes:
         shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
-    run_report(device, shapes, args.out)
+    providers = args.providers.split(",") if args.providers else None
+    run_report(device, shapes, args.out, providers, reps=args.reps)
     return 0
 
 
@@ -86,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", choices=["cpu", "cuda"], default=None)
     b.add_argument("--shapes", default=None, help="comma-separated NxKxD, e.g. 65536x1024x128,4096x512x16")
     b.add_argument("--out", default="vqtriton-bench", help="folder for report.json and report.png")
+    b.add_argument("--providers", default=None,
+                   help="comma-separated providers, by name or op/name, e.g. layer/vqtriton-compat,layer/vqp (default: all)")
+    b.add_argument("--reps", type=int, default=None, help="timed calls per provider (default: 20 on CUDA, 5 on the CPU)")
     b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("demo", help="train a small VQ-VAE on scikit-learn's digits")
