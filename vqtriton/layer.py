@@ -390,8 +390,10 @@ class VectorQuantizer(nn.Module):
         self._kmeans_pending = False if torch.compiler.is_compiling() else self._read_kmeans_pending()
 
     def _read_kmeans_pending(self) -> bool:
-        """``initted`` read into its host mirror: one sync, on the rare occasions that change it."""
-        self._kmeans_pending = self.kmeans_init and not bool(self.initted)
+        """``initted`` read into its host mirror: one sync, on the rare occasions that change it (not
+        for a module on the meta device, which has no values yet)."""
+        if not self.initted.is_meta:
+            self._kmeans_pending = self.kmeans_init and not bool(self.initted)
         return self._kmeans_pending
 
     @torch.no_grad()
