@@ -43,7 +43,8 @@ from triton.runtime.jit import JITFunction, KernelInterface
 
 # Constexprs that name the variant (the rest are implied by the code path or set by a heuristic).
 _SHOWN = ("MODE", "SEARCH", "FINISH", "RETURN_ZQ", "ROWS", "REDUCE", "PER_ROW", "HAS_ROWS", "COUNT",
-          "HAS_GRAD", "ATOMIC", "PARTS", "BN", "BK", "BD", "TILE", "BLOCK_N", "BLOCK_D", "BLOCK")
+          "HAS_GRAD", "CODEBOOK_GRAD", "ATOMIC", "ROTATE", "PARTS", "BN", "BK", "BD", "TILE", "BLOCK_N", "BLOCK_D",
+          "BLOCK")
 
 
 @dataclass

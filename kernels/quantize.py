@@ -109,12 +109,23 @@ def _backward_tile(p_z, p_zq, p_g, p_dz, p_dcb, o_n, m_n, o_d, D, b_idx, b_w, b_
             tl.store(p_dcb + o_n[:, None] * stride_dcb + o_d[None, :], b_dc, mask=m)
 
 
+def _rotation_tiles(configs, named_args, **kwargs):
+    """Half-size tiles for the rotation trick's whole-row loops: with the full ones (16 elements a
+    thread) its sm_90 code at D = 37 needed every register and spilled 168-496 B; at 8 elements a
+    thread it needs 107-197 registers, no spill (benchmarks/resources.py)."""
+    if not kwargs.get("ROTATE"):
+        return configs
+    return [triton.Config({**c.kwargs, "TILE": c.kwargs["TILE"] // 2}, num_warps=c.num_warps,
+                          num_stages=c.num_stages) for c in configs]
+
+
 @triton.autotune(
     # Five pointer blocks per tile: smaller tiles than the pure copies.
     configs=tile_configs([(2048, 4), (4096, 8), (1024, 4)]),
     key=["D", "HAS_GRAD", "CODEBOOK_GRAD", "ATOMIC", "ROTATE"],
     # Timing runs add into dcodebook too: zero it before each run and after tuning.
     reset_to_zero=["p_dcb"],
+    prune_configs_by={"early_config_prune": _rotation_tiles},
 )
 @tile_rows
 @triton.jit
