@@ -112,7 +112,7 @@ def _backward_tile(p_z, p_zq, p_g, p_dz, p_dcb, o_n, m_n, o_d, D, b_idx, b_w, b_
 def _rotation_tiles(configs, named_args, **kwargs):
     """Half-size tiles for the rotation trick's whole-row loops: with the full ones (16 elements a
     thread) its sm_90 code at D = 37 needed every register and spilled 168-496 B; at 8 elements a
-    thread it needs 107-197 registers, no spill (benchmarks/resources.py)."""
+    thread, at most 197 registers (triton 3.9) or 220 (3.6), no spill (benchmarks/resources.py)."""
     if not kwargs.get("ROTATE"):
         return configs
     return [triton.Config({**c.kwargs, "TILE": c.kwargs["TILE"] // 2}, num_warps=c.num_warps,
