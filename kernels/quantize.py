@@ -11,9 +11,10 @@ The forward gives each row i two copies of its squared distance ``d_i = |z_i - z
 The codes come from the forward's own ``z_q`` (saved for backward), not from the codebook: a
 codebook updated in place after the forward (an EMA step) cannot change this step's gradient, also
 under torch.compile, which may drop a defensive copy of it. One program reads its rows of ``z``,
-``z_q`` and ``grad_out``, writes ``dz`` and adds into ``dcodebook`` with atomics. ``deterministic=True`` writes the per-row codebook
-contributions instead and sums them with ``gather.scatter_add(..., deterministic=True)``. Without
-a codebook gradient (an EMA codebook is a buffer) the scatter is skipped entirely.
+``z_q`` and ``grad_out``, writes ``dz`` and adds into ``dcodebook`` with atomics.
+``deterministic=True`` writes the per-row codebook contributions instead and sums them with
+``gather.scatter_add(..., deterministic=True)``. Without a codebook gradient (an EMA codebook is a
+buffer) the scatter is skipped entirely.
 
 With the rotation trick (Fifty et al., "Restructuring Vector Quantization with the Rotation Trick",
 ICLR 2025) the straight-through part is rotated: ``grad_out`` reaches z as ``lam R^T grad_out``, R

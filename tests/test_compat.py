@@ -227,6 +227,8 @@ def test_unsupported_forward_arguments_are_refused_by_name(name):
     vq = VectorQuantize(DIM, K)
     with pytest.raises(NotImplementedError, match=rf"{name}="):
         vq(torch.randn(2, 5, DIM), **{name: _other(compat.UNSUPPORTED_FORWARD[name])})
+    with pytest.raises(NotImplementedError, match=rf"{name}="):  # a tensor is never taken for the default
+        vq(torch.randn(2, 5, DIM), **{name: torch.ones(2, 5)})
 
 
 def test_invalid_combinations_as_vqp():

@@ -74,10 +74,17 @@ UNSUPPORTED_FORWARD = {
 }
 
 
+def _is_default(value, default) -> bool:
+    """``value`` is vqp's default (by identity, or equal as a plain number or string; a tensor, module or
+    callable given for it never is)."""
+    plain = (bool, int, float, str)
+    return value is default or (isinstance(value, plain) and isinstance(default, plain) and value == default)
+
+
 def _refuse(given: dict, defaults: dict, where: str) -> None:
     for name, default in defaults.items():
         value = given[name]
-        if value is not default and value != default:
+        if not _is_default(value, default):
             raise NotImplementedError(
                 f"vqtriton.compat.VectorQuantize does not implement vector-quantize-pytorch's {name}={value!r} "
                 f"({where}; only the default {default!r} is supported)"

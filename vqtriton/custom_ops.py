@@ -27,6 +27,7 @@ from torch import Tensor
 
 from vqtriton import checks
 from vqtriton.backend import ops
+from vqtriton.torch_ops import acc_dtype as _acc  # the dtype of distances, sums and statistics
 
 __all__ = [
     "assign",
@@ -39,11 +40,6 @@ __all__ = [
     "code_stats",
     "code_counts",
 ]
-
-
-def _acc(*tensors: Tensor) -> torch.dtype:
-    """The dtype of distances, sums and statistics: float64 when an input is float64, else float32."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 # --- assign ------------------------------------------------------------------------------------------
