@@ -277,8 +277,9 @@ class VectorQuantize(nn.Module):
         """``(quantized, indices, loss)`` (plus a :class:`LossBreakdown` with ``return_loss_breakdown``).
 
         ``x``: ``[B, N, D]`` (``[B, D, N]`` with ``channel_last=False``; ``[B, D, H, W]`` with
-        ``accept_image_fmap``, ``[B, D, T, H, W]`` with ``accept_3d_fmap``; ``[B, D]`` for one vector each). ``mask [B, N]`` (or ``lens [B]``) marks
-        the vectors to quantize. ``indices`` has ``x``'s shape without the channel dim (``[..., heads]``).
+        ``accept_image_fmap``, ``[B, D, T, H, W]`` with ``accept_3d_fmap``; ``[B, D]`` for one vector
+        each). ``mask [B, N]`` (or ``lens [B]``) marks the vectors to quantize. ``indices`` has ``x``'s
+        shape without the channel dim (``[..., heads]``).
         """
         _refuse(locals(), UNSUPPORTED_FORWARD, "forward")
         checks.float_tensor("x", x)

@@ -73,8 +73,9 @@ def from_rank(tensor: torch.Tensor, src: int | torch.Tensor) -> torch.Tensor:
     device: a broadcast made of one all-reduce, in which the other ranks send zeros (x + 0 = x, so the
     values arrive bit for bit but for the sign of a zero). An all-reduce rather than ``dist.broadcast``:
     dynamo traces it into the graph (it cannot trace ``dist.broadcast``)."""
-    mine = src == rank()
-    mine = mine if isinstance(mine, torch.Tensor) else torch.tensor(mine, device=tensor.device)
-    out = torch.where(mine, tensor, torch.zeros_like(tensor))
+    if isinstance(src, torch.Tensor):
+        out = torch.where(src == rank(), tensor, torch.zeros_like(tensor))
+    else:  # a source known on the host: no tensor to build for the comparison
+        out = tensor.clone() if src == rank() else torch.zeros_like(tensor)
     all_reduce_sum_(out)
     return out
