@@ -23,7 +23,8 @@ gradients of each term under the VQ-VAE stop-gradients (``sg``):
     straight-through the quantizer's output z_e + sg[z_q - z_e] passes its gradient to z_e unchanged
     rotation trick   ... or rotated and scaled: lam R^T g (Fifty et al., ICLR 2025), ``rotation_trick_grad``
 
-This module imports NumPy only (not torch, triton, nor the rest of vqtriton).
+This module imports NumPy only (not torch, triton, nor the rest of vqtriton), as does every module of
+the ``vqtriton.reference`` package.
 """
 
 from __future__ import annotations

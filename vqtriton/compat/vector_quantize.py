@@ -28,11 +28,10 @@ import torch
 from torch import nn
 
 from vqtriton import checks
+from vqtriton.compat._common import refuse
 from vqtriton.layer import VectorQuantizer
 
-__all__ = ["VectorQuantize", "LossBreakdown", "VQP_VERSION"]
-
-VQP_VERSION = "1.32.0"
+__all__ = ["VectorQuantize", "LossBreakdown", "UNSUPPORTED", "UNSUPPORTED_FORWARD"]
 
 # vqp's fourth output with return_loss_breakdown=True (the terms this module has; the others are 0).
 LossBreakdown = namedtuple("LossBreakdown", ["commitment", "codebook_diversity", "orthogonal_reg", "inplace_optimize"])
@@ -72,23 +71,6 @@ UNSUPPORTED_FORWARD = {
     "accum_ema_update": False,
     "ema_update": None,
 }
-
-
-def _is_default(value, default) -> bool:
-    """``value`` is vqp's default (by identity, or equal as a plain number or string; a tensor, module or
-    callable given for it never is)."""
-    plain = (bool, int, float, str)
-    return value is default or (isinstance(value, plain) and isinstance(default, plain) and value == default)
-
-
-def _refuse(given: dict, defaults: dict, where: str) -> None:
-    for name, default in defaults.items():
-        value = given[name]
-        if not _is_default(value, default):
-            raise NotImplementedError(
-                f"vqtriton.compat.VectorQuantize does not implement vector-quantize-pytorch's {name}={value!r} "
-                f"({where}; only the default {default!r} is supported)"
-            )
 
 
 def _projection(dim_in: int, dim_out: int, layernorm: bool) -> nn.Module:
@@ -156,7 +138,7 @@ class VectorQuantize(nn.Module):
         deterministic: bool | None = None,
     ):
         super().__init__()
-        _refuse(locals(), UNSUPPORTED, "constructor")
+        refuse("VectorQuantize", locals(), UNSUPPORTED, "constructor")
         # sample_codebook_temp only acts with stochastic_sample_codes or straight_through (both refused):
         # without them vqp takes the argmax and never reads it, and neither does this module.
         self.dim = checks.integer("dim", dim, 1)
@@ -281,7 +263,7 @@ class VectorQuantize(nn.Module):
         each). ``mask [B, N]`` (or ``lens [B]``) marks the vectors to quantize. ``indices`` has ``x``'s
         shape without the channel dim (``[..., heads]``).
         """
-        _refuse(locals(), UNSUPPORTED_FORWARD, "forward")
+        refuse("VectorQuantize", locals(), UNSUPPORTED_FORWARD, "forward")
         checks.float_tensor("x", x)
         if mask is not None and lens is not None:
             raise ValueError("give mask or lens, not both")
