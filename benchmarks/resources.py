@@ -44,7 +44,8 @@ from triton.runtime.jit import JITFunction, KernelInterface
 # Constexprs that name the variant (the rest are implied by the code path or set by a heuristic).
 _SHOWN = ("MODE", "SEARCH", "FINISH", "RETURN_ZQ", "ROWS", "REDUCE", "PER_ROW", "HAS_ROWS", "COUNT",
           "HAS_GRAD", "CODEBOOK_GRAD", "ATOMIC", "ROTATE", "PARTS", "BN", "BK", "BD", "TILE", "BLOCK_N", "BLOCK_D",
-          "BLOCK")
+          "BLOCK", "COSINE", "EVERY", "STATS", "HAS_MASK", "HAS_LEVELS", "WHOLE_ROWS", "LP", "KP", "HAS_W", "GRAD",
+          "BLOCK_A", "BLOCK_K")
 
 
 @dataclass
@@ -190,6 +191,127 @@ def _calls():
                lambda p=precision: assign.assign_fwd(t(300, 8), t(50, 8), precision=p, split=1))
     # The plain direct-form search on every row (N >= 2^31).
     yield "assign_fwd D=37 exact plain search", _plain_search
+    yield from _residual_calls(t)
+    yield from _topk_sample_calls(t)
+    yield from _lfq_calls()
+
+
+def _residual_calls(t):
+    """kernels/residual.py: the fused forward (precision modes, dtypes, cosine with a mask and quantize
+    dropout, the plain direct-form search, D = 8) and the replay (backward flags, the rotation trick,
+    cosine, both output modes, deterministic, the EMA statistics), three levels of sizes 50, 30, 41."""
+    from vqtriton.kernels import residual
+
+    sizes = [50, 30, 41]
+    n = 300
+    keep, levels = torch.rand(n) > 0.2, torch.tensor(2)
+    idx = torch.stack([torch.randint(0, k, (n,)) for k in sizes], 1)
+    for d in (64, 37):
+        for zd, cd in ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                       (torch.float16, torch.float32)):
+            z, c = t(n, d, zd), t(sum(sizes), d, cd)
+            tag = f"D={d} z={str(zd)[6:]} codebook={str(cd)[6:]}"
+            for precision in ("exact",) if zd != torch.float32 else residual.PRECISIONS:
+                yield (f"residual_assign_fwd {tag} {precision}",
+                       lambda z=z, c=c, p=precision: residual.residual_assign_fwd(z, c, sizes, precision=p))
+            yield (f"residual_backward {tag} grad codebook_grad",
+                   lambda z=z, c=c: residual.residual_backward(z, c, sizes, idx, t(n, d), torch.ones(n, 3),
+                                                               torch.ones(n, 3)))
+            yield (f"residual_backward {tag} deterministic",
+                   lambda z=z, c=c: residual.residual_backward(z, c, sizes, idx, t(n, d), torch.ones(n, 3),
+                                                               torch.ones(n, 3), deterministic=True))
+            yield (f"residual_backward {tag} no codebook_grad",
+                   lambda z=z, c=c: residual.residual_backward(z, c, sizes, idx, t(n, d), torch.ones(n, 3), None))
+        z, c = t(n, d), t(sum(sizes), d)
+        for precision in residual.PRECISIONS:
+            yield (f"residual_assign_fwd D={d} {precision} cosine mask levels",
+                   lambda z=z, c=c, p=precision: residual.residual_assign_fwd(z, c, sizes, precision=p, cosine=True,
+                                                                            keep=keep, levels=levels))
+        yield (f"residual_assign_fwd D={d} exact plain search",
+               lambda z=z, c=c: residual.residual_assign_fwd(z, c, sizes, certified=False))
+        for grad, rotate, cosine, mode in ((True, False, False, "every"), (True, True, False, "first"),
+                                           (True, True, False, "every"), (True, False, True, "first"),
+                                           (True, True, True, "every"), (False, False, True, "first")):
+            yield (f"residual_backward D={d} grad={grad} rotate={rotate} cosine={cosine} {mode}",
+                   lambda z=z, c=c, g=grad, r=rotate, cs=cosine, m=mode: residual.residual_backward(
+                       z, c, sizes, idx, t(n, d) if g else None, torch.ones(n, 3), torch.ones(n, 3), cosine=cs,
+                       output_grad=m, rotate=r))
+        yield (f"residual_backward D={d} mask levels",
+               lambda z=z, c=c: residual.residual_backward(z, c, sizes, idx, t(n, d), torch.ones(n, 3),
+                                                           torch.ones(n, 3), keep=keep, levels=levels))
+        for cosine in (False, True):
+            for det in (False, True):
+                yield (f"residual_stats D={d} cosine={cosine} deterministic={det}",
+                       lambda z=z, c=c, cs=cosine, det=det: residual.residual_stats(z, c, sizes, idx, cosine=cs,
+                                                                                    deterministic=det))
+    for precision in residual.PRECISIONS:
+        yield (f"residual_assign_fwd D=8 {precision}",
+               lambda p=precision: residual.residual_assign_fwd(t(n, 8), t(sum(sizes), 8), sizes, precision=p))
+
+
+def _topk_sample_calls(t):
+    """kernels/topk.py: every state size (k = 3, 9, 40: KP 4, 16, 64) in every precision mode, split 1
+    (search + finish) and 3 (search runs + the merging finish), the listed rows' direct-form search (exact
+    mode), half inputs and rows no vector load can assume aligned (D = 37), the plain direct-form search
+    alone (N >= 2^31). kernels/sample.py: both logits, with and without z_q, split 1 and 3, dtypes, D."""
+    from vqtriton.kernels import assign, sample, topk
+
+    z, c = t(300, 64), t(200, 64)
+    for precision in assign.PRECISIONS:
+        for k in (3, 9, 40):
+            for split in (1, 3):
+                yield (f"topk_fwd D=64 {precision} k={k} split={split}",
+                       lambda p=precision, k=k, s=split: topk.topk_fwd(z, c, k, precision=p, split=s))
+    for split in (1, 3):
+        yield (f"topk_fwd D=37 exact k=9 split={split}",
+               lambda s=split: topk.topk_fwd(t(300, 37), t(200, 37), 9, split=s))
+    yield ("topk_fwd D=64 z=bfloat16 codebook=bfloat16 exact k=9",
+           lambda: topk.topk_fwd(t(300, 64, torch.bfloat16), t(200, 64, torch.bfloat16), 9, split=1))
+    yield "topk_fwd D=37 exact plain search", _plain_topk
+    seed = torch.tensor(7)
+    for d in (64, 37):
+        for dtype in (torch.float32, torch.bfloat16):
+            zs, cs = t(300, d, dtype), t(200, d, dtype)
+            for zq in (False, True):
+                for split in (1, 3):
+                    yield (f"sample_fwd D={d} {str(dtype)[6:]} return_zq={zq} split={split}",
+                           lambda zs=zs, cs=cs, q=zq, s=split: sample.sample_fwd(zs, cs, 0.7, seed, return_zq=q,
+                                                                                  split=s))
+    for zq in (False, True):
+        yield (f"sample_fwd D=64 cosine return_zq={zq}",
+               lambda q=zq: sample.sample_fwd(z, c, 0.7, seed, cosine=True, return_zq=q, split=1))
+
+
+def _plain_topk():
+    from vqtriton.kernels import assign, topk
+
+    saved, assign._CERTIFIED_SEARCH = assign._CERTIFIED_SEARCH, False
+    try:
+        for split in (1, 3):
+            topk.topk_fwd(torch.randn(300, 37), torch.randn(200, 37), 9, split=split)
+    finally:
+        assign._CERTIFIED_SEARCH = saved
+
+
+def _lfq_calls():
+    """kernels/lfq.py: the half distributions (weighted or not; halves of 0, 1, 9 and 12 bits: d up to 24),
+    their backward (the same halves, and the widest, 16 bits), the entropy and its gradient (exact and
+    clamped), on a head-strided view of the logits as the entropy ops pass it."""
+    from vqtriton.kernels import lfq
+
+    u = torch.randn(300, 2, 24).transpose(0, 1)  # [H, N, d], rows 48 apart
+    w = torch.rand(300)
+    for k in (0, 1, 9, 12):
+        for weighted in (False, True):
+            yield (f"lfq_halves k={k} weighted={weighted}",
+                   lambda k=k, ww=w if weighted else None: lfq.lfq_halves(u, ww, 24 - k, k))
+    for k in (1, 9, 12, 16):
+        yield (f"lfq_halves_backward k={k}",
+               lambda k=k: lfq.lfq_halves_backward(u, torch.rand(2, 300, 2**k), torch.randn(2, 300, 2**k), 0, k))
+    m = torch.rand(2, 5000)
+    for eps in (0.0, 1e-5):
+        yield f"distribution_entropy eps={eps}", lambda e=eps: lfq.distribution_entropy(m, e)
+        yield f"distribution_entropy_grad eps={eps}", lambda e=eps: lfq.distribution_entropy_grad(m, torch.ones(2), e)
 
 
 def _plain_search():

@@ -5,6 +5,11 @@
     sqerr.py     squared-error reductions (per row, total) and their backward
     stats.py     per-code counts and vector sums (EMA, k-means, usage)
     quantize.py  the fused VQ backward (straight-through + codebook + commitment terms)
+    topk.py      exact top-k assignment (the certified search keeping the k best, and its direct-form re-rank)
+    sample.py    Gumbel-max sampled assignment (Philox noise keyed by seed, row and code)
+    residual.py  every residual level in one launch, its one-launch backward and the levels' statistics
+    lfq.py       LFQ's entropy: the bit halves' distributions, their backward, and the entropy reduction
+    centre.py    the tensor-core searches' operands (centred rows and codes, bf16 parts, bounds)
 
 Launchers take 2-D ``[N, D]`` rows with any row stride (copied only when the last dim is not
 unit-stride: ``row_major``); checks of user input live in ``vqtriton.functional``.

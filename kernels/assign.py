@@ -1,14 +1,17 @@
 """Nearest-code assignment: fused distances + argmin (+ the z_q gather), without the N x K matrix.
 
 One kernel, ``_assign_kernel``, with constexpr flags for the three precision modes and for the two
-halves of a split launch:
+halves of a split launch (top-k and sampled assignment have kernels of their own, ``topk.py`` and
+``sample.py``, built from this file's helpers):
 
 - search: a program owns BN rows and a run of code tiles; it keeps, per row, the minimum of the int64
   key ``(float bits of d) << 32 | code``. For d >= 0 the float bits are monotone, so the minimum key
   is the minimum distance and, among equal distances, the lowest code (NumPy argmin order). NaN
   distances are canonicalised to 0x7FC00000, above +Inf (0x7F800000), so neither ever beats a
   finite distance.
-- finish: turns the best key into ``idx`` / ``dist``, applies the NaN/Inf policy, and writes z_q.
+- finish: turns the best key into ``idx`` / ``dist``, applies the NaN/Inf policy, and writes z_q. The
+  reported distance is measured again there in D tiles of ``_DIST_BD`` (also after the direct-form
+  search, whose tile the autotuner picks), so it depends on the row and the code only.
 
 Exact mode has two searches. The plain one is the direct form sum_j (z_j - c_j)^2 on CUDA cores
 (``_search_exact``). The certified one (``_search_certify``, used for every N < 2^31) runs the
@@ -55,8 +58,12 @@ KEY_MAX = tl.constexpr(2**63 - 1)
 NO_CODE = tl.constexpr(2**31 - 1)
 # Chunks of BD summed into a partial before it joins the running total (two-level summation).
 _GROUP = 8
-# Block sizes of the finish-only launch (split > 1): it streams N rows of z and z_q once.
-_FINISH_BN, _FINISH_BD = 32, 64
+# D tile of every reported distance (the finish's direct-form sum, ``_row_distance``): one tile whatever
+# the search's tiles, the split and the machine, so a code's distance has the same bits in every launch
+# (k = 1, top-k and sampled assignment; GPU and interpreter alike).
+_DIST_BD = tl.constexpr(32)
+# Rows per program of the finish-only launch (split > 1): it streams N rows of z and z_q once.
+_FINISH_BN = 32
 
 
 @triton.jit
@@ -80,9 +87,9 @@ def _dot_bf16(b_a, b_b, b_acc, EMULATE_BF16: tl.constexpr):
 
 
 @triton.jit
-def _search_exact(z_ptr, c_ptr, o_n, m_n, k_lo, k_hi, D, stride_z, stride_c,
-                  GROUP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr):
-    """Best key per row over codes [k_lo, k_hi): direct form sum_j (z_j - c_j)^2 in fp32.
+def _direct_tile(z_ptr, c_ptr, o_n, m_n, o_k, m_k, D, stride_z, stride_c,
+                 GROUP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr):
+    """``[BN, BK]`` direct-form fp32 distances sum_j (z_j - c_j)^2 of rows ``o_n`` to codes ``o_k``.
 
     Why this meets the precision contract: each term fl(fl(z_j - c_j)^2) is nonnegative with
     relative error <= 3u (u = 2^-24; fp16/bf16 inputs upcast exactly). A sum of nonnegative terms in
@@ -94,23 +101,33 @@ def _search_exact(z_ptr, c_ptr, o_n, m_n, k_lo, k_hi, D, stride_z, stride_c,
     D = 2048 with BD = 16 gives 2e ~ 290u > 2^-16.)
     No cancellation either, so a large common offset (100 + N(0, 1)) costs nothing.
     """
+    b_d = tl.zeros([BN, BK], dtype=tl.float32)
+    for d0 in range(0, D, BD * GROUP):
+        b_part = tl.zeros([BN, BK], dtype=tl.float32)
+        for d1 in range(d0, tl.minimum(d0 + BD * GROUP, D), BD):
+            o_d = d1 + tl.arange(0, BD)
+            m_d = o_d < D
+            b_z = tl.load(z_ptr + o_n[:, None] * stride_z + o_d[None, :], mask=m_n[:, None] & m_d[None, :],
+                          other=0.0).to(tl.float32)  # [BN, BD]
+            # int64: a code's offset may pass 2^31 elements (K * D), and o_k may be int32.
+            b_c = tl.load(c_ptr + o_k[:, None].to(tl.int64) * stride_c + o_d[None, :],
+                          mask=m_k[:, None] & m_d[None, :], other=0.0).to(tl.float32)  # [BK, BD]
+            b_diff = b_z[:, None, :] - b_c[None, :, :]  # [BN, BK, BD]
+            b_part += tl.sum(b_diff * b_diff, axis=2)
+        b_d += b_part
+    return b_d
+
+
+@triton.jit
+def _search_exact(z_ptr, c_ptr, o_n, m_n, k_lo, k_hi, D, stride_z, stride_c,
+                  GROUP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr):
+    """Best key per row over codes [k_lo, k_hi): the direct form in fp32 (``_direct_tile``: within its
+    (1 + 2^-16) argument of the nearest code)."""
     b_best = tl.full([BN], KEY_MAX, tl.int64)
     for k0 in range(k_lo, k_hi, BK):
         o_k = k0 + tl.arange(0, BK)
         m_k = o_k < k_hi
-        b_d = tl.zeros([BN, BK], dtype=tl.float32)
-        for d0 in range(0, D, BD * GROUP):
-            b_part = tl.zeros([BN, BK], dtype=tl.float32)
-            for d1 in range(d0, tl.minimum(d0 + BD * GROUP, D), BD):
-                o_d = d1 + tl.arange(0, BD)
-                m_d = o_d < D
-                p_z = z_ptr + o_n[:, None] * stride_z + o_d[None, :]
-                p_c = c_ptr + o_k[:, None] * stride_c + o_d[None, :]
-                b_z = tl.load(p_z, mask=m_n[:, None] & m_d[None, :], other=0.0).to(tl.float32)  # [BN, BD]
-                b_c = tl.load(p_c, mask=m_k[:, None] & m_d[None, :], other=0.0).to(tl.float32)  # [BK, BD]
-                b_diff = b_z[:, None, :] - b_c[None, :, :]  # [BN, BK, BD]
-                b_part += tl.sum(b_diff * b_diff, axis=2)
-            b_d += b_part
+        b_d = _direct_tile(z_ptr, c_ptr, o_n, m_n, o_k, m_k, D, stride_z, stride_c, GROUP, BN, BK, BD)
         b_best = tl.minimum(b_best, tl.min(_keys(b_d, o_k, m_k), axis=1))
     return b_best
 
@@ -121,6 +138,60 @@ def _tile_best(b_a, o_k):
     t_min = tl.min(b_a, axis=1)
     t_code = tl.min(tl.where(b_a == t_min[:, None], o_k[None, :].to(tl.int32), NO_CODE), axis=1)
     return t_min, t_code
+
+
+@triton.jit
+def _merge_tile(b_min, b_code, b_a, o_k):
+    """The running least rank and lowest code holding it, per row, after a ``[BN, BK]`` tile of NaN-free
+    ranks of codes ``o_k`` (above the running ones): strict, so among equal ranks the earlier code stays."""
+    t_min, t_code = _tile_best(b_a, o_k)
+    m_take = t_min < b_min
+    return tl.where(m_take, t_min, b_min), tl.where(m_take, t_code, b_code)
+
+
+@triton.jit
+def _dot_products(xh_ptr, xl_ptr, ch_ptr, cl_ptr, o_n, m_n, o_k, m_k, D, stride_x, stride_cs,
+                  MODE: tl.constexpr, EMULATE_BF16: tl.constexpr,
+                  BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr):
+    """``[BN, BK]`` dots x.y of centred rows and codes (``centre.py``) on tensor cores: tf32 (``MODE`` 1),
+    bf16 (2), or split-bf16 with three products x_hi.y_hi + x_hi.y_lo + x_lo.y_hi (3: bf16 products are
+    exact in fp32, the dropped x_lo.y_lo is <= 2^-16 |x_i||y_i|)."""
+    b_dot = tl.zeros([BN, BK], dtype=tl.float32)
+    for d0 in range(0, D, BD):
+        o_d = d0 + tl.arange(0, BD)
+        m_d = o_d < D
+        p_x = o_n[:, None] * stride_x + o_d[None, :]
+        m_x = m_n[:, None] & m_d[None, :]
+        # int64: k0 runs in int32 in some callers, and K * D may pass 2^31 elements.
+        p_yt = o_k[None, :].to(tl.int64) * stride_cs + o_d[:, None]
+        m_yt = m_d[:, None] & m_k[None, :]
+        b_xh = tl.load(xh_ptr + p_x, mask=m_x, other=0.0)  # [BN, BD]
+        b_yh = tl.load(ch_ptr + p_yt, mask=m_yt, other=0.0)  # [BD, BK]
+        if MODE == 1:
+            b_dot = tl.dot(b_xh, b_yh, b_dot, input_precision="tf32")
+        else:
+            b_dot = _dot_bf16(b_xh, b_yh, b_dot, EMULATE_BF16)
+        if MODE == 3:
+            b_xl = tl.load(xl_ptr + p_x, mask=m_x, other=0.0)
+            b_yl = tl.load(cl_ptr + p_yt, mask=m_yt, other=0.0)
+            b_dot = _dot_bf16(b_xh, b_yl, b_dot, EMULATE_BF16)
+            b_dot = _dot_bf16(b_xl, b_yh, b_dot, EMULATE_BF16)
+    return b_dot
+
+
+@triton.jit
+def _dot_tile(xh_ptr, xl_ptr, xsq_ptr, ch_ptr, cl_ptr, csq_ptr, o_n, m_n, o_k, m_k, D, stride_x, stride_cs,
+              MODE: tl.constexpr, EMULATE_BF16: tl.constexpr,
+              BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr):
+    """``[BN, BK]`` expanded-form distances ``a = |x|^2 + |y|^2 - 2 x.y`` of centred rows to centred codes,
+    the dot by ``_dot_products`` (``MODE`` 3: ``_search_certify``'s arithmetic, within its bound
+    ``E |x|^2 + e_j`` of the direct form). Padding codes get +Inf; a code holding a NaN or Inf has
+    ``|y|^2 = +Inf``, so +Inf too."""
+    b_dot = _dot_products(xh_ptr, xl_ptr, ch_ptr, cl_ptr, o_n, m_n, o_k, m_k, D, stride_x, stride_cs, MODE,
+                          EMULATE_BF16, BN, BK, BD)
+    b_xsq = tl.load(xsq_ptr + o_n, mask=m_n, other=0.0)
+    b_csq = tl.load(csq_ptr + o_k, mask=m_k, other=float("inf"))
+    return b_xsq[:, None] + b_csq[None, :] - 2.0 * b_dot
 
 
 @triton.jit
@@ -140,35 +211,20 @@ def _search_dot(xh_ptr, xsq_ptr, ch_ptr, csq_ptr, aux_ptr, o_n, m_n, k_lo, k_hi,
     for k0 in range(k_lo, k_hi, BK):
         o_k = k0 + tl.arange(0, BK)
         m_k = o_k < k_hi
-        b_dot = tl.zeros([BN, BK], dtype=tl.float32)
-        for d0 in range(0, D, BD):
-            o_d = d0 + tl.arange(0, BD)
-            m_d = o_d < D
-            b_x = tl.load(xh_ptr + o_n[:, None] * stride_x + o_d[None, :], mask=m_n[:, None] & m_d[None, :],
-                          other=0.0)  # [BN, BD]
-            p_yt = ch_ptr + o_k[None, :].to(tl.int64) * stride_cs + o_d[:, None]
-            b_yt = tl.load(p_yt, mask=m_d[:, None] & m_k[None, :], other=0.0)  # [BD, BK]
-            if MODE == 1:
-                b_dot = tl.dot(b_x, b_yt, b_dot, input_precision="tf32")
-            else:
-                b_dot = _dot_bf16(b_x, b_yt, b_dot, EMULATE_BF16)
+        b_dot = _dot_products(xh_ptr, xh_ptr, ch_ptr, ch_ptr, o_n, m_n, o_k, m_k, D, stride_x, stride_cs, MODE,
+                              EMULATE_BF16, BN, BK, BD)
         b_csq = tl.load(csq_ptr + o_k, mask=m_k, other=float("inf"))  # [BK] padding codes rank last
         b_a = b_csq[None, :] - 2.0 * b_dot  # [BN, BK]
         # NaN only from overflow (inf - inf): such a code never wins.
         b_a = tl.where(b_a == b_a, b_a, float("inf"))
-        t_min, t_code = _tile_best(b_a, o_k)
-        m_take = t_min < b_min  # strict: among equal ranks the earlier tile's (lower) code stays
-        b_min = tl.where(m_take, t_min, b_min)
-        b_code = tl.where(m_take, t_code, b_code)
+        b_min, b_code = _merge_tile(b_min, b_code, b_a, o_k)
     b_xsq = tl.load(xsq_ptr + o_n, mask=m_n, other=0.0)
     # [BN] copies of aux[0] (a scalar would do on a GPU): 0 when every code holds a NaN.
     b_all_nan = tl.load(aux_ptr + tl.zeros([BN], dtype=tl.int32)) == 0
     m_ok = (b_min < float("inf")) & (b_xsq < float("inf"))
-    # The rank's int32 image in the same order (negative ranks are normal here; -0.0 as +0.0).
-    b_bits = tl.where(b_min == 0, 0.0, b_min).to(tl.int32, bitcast=True)
-    b_bits = tl.where(b_bits < 0, b_bits ^ 0x7FFFFFFF, b_bits)
-    b_bits = tl.where(m_ok, b_bits, tl.where((b_xsq != b_xsq) | b_all_nan, NAN_BITS, INF_BITS))
-    return (b_bits.to(tl.int64) << 32) | tl.where(m_ok, b_code, 0).to(tl.int64)
+    b_fail = tl.where((b_xsq != b_xsq) | b_all_nan, NAN_BITS, INF_BITS)
+    # Negative ranks are normal here: _rank_key's order holds for every sign.
+    return tl.where(m_ok, _rank_key(b_min, b_code), b_fail.to(tl.int64) << 32)
 
 
 @triton.jit
@@ -180,7 +236,7 @@ def _search_certify(xh_ptr, xl_ptr, xsq_ptr, ch_ptr, cl_ptr, csq_ptr, ce_ptr, o_
     merges across a split code axis).
 
     With x = z - m and y = c - m centred on the codebook mean, a_j = |x|^2 + |y_j|^2 - 2 x.y_j with
-    x.y ~ x_hi.y_hi + x_hi.y_lo + x_lo.y_hi (bf16 products are exact in fp32, the dropped terms are
+    x.y ~ x_hi.y_hi + x_hi.y_lo + x_lo.y_hi (``_dot_tile`` mode 3; the dropped terms are
     <= 3.1 2^-16 |x_i||y_i|). Each a_j is within B_j = C (|x| + |y_j|)^2 of the exact direct-form
     distance of the inputs, C = 3.5 2^-16 + 3.5 D 2^-23, which covers the dropped products, fp32
     accumulation of the 3D products and of both norms (with room for truncating accumulators), the
@@ -198,7 +254,6 @@ def _search_certify(xh_ptr, xl_ptr, xsq_ptr, ch_ptr, cl_ptr, csq_ptr, ce_ptr, o_
     finite code is finite), and NaN or Inf rows, are never certified (NaN in this state is
     harmless: such rows fail ``_certified``'s first test).
     """
-    b_xsq = tl.load(xsq_ptr + o_n, mask=m_n, other=0.0)
     b_min = tl.full([BN], float("inf"), tl.float32)  # the best code's a ...
     b_code = tl.full([BN], NO_CODE, tl.int32)  # ... its index ...
     b_ebest = tl.zeros([BN], dtype=tl.float32)  # ... and its e
@@ -206,25 +261,9 @@ def _search_certify(xh_ptr, xl_ptr, xsq_ptr, ch_ptr, cl_ptr, csq_ptr, ce_ptr, o_
     for k0 in range(k_lo, k_hi, BK):
         o_k = k0 + tl.arange(0, BK)
         m_k = o_k < k_hi
-        b_dot = tl.zeros([BN, BK], dtype=tl.float32)
-        for d0 in range(0, D, BD):
-            o_d = d0 + tl.arange(0, BD)
-            m_d = o_d < D
-            p_x = o_n[:, None] * stride_x + o_d[None, :]
-            m_x = m_n[:, None] & m_d[None, :]
-            b_xh = tl.load(xh_ptr + p_x, mask=m_x, other=0.0)  # [BN, BD]
-            b_xl = tl.load(xl_ptr + p_x, mask=m_x, other=0.0)
-            # int64: k0 runs in int32 here, and K * D may pass 2^31 elements.
-            p_yt = o_k[None, :].to(tl.int64) * stride_cs + o_d[:, None]
-            m_yt = m_d[:, None] & m_k[None, :]
-            b_yh = tl.load(ch_ptr + p_yt, mask=m_yt, other=0.0)  # [BD, BK]
-            b_yl = tl.load(cl_ptr + p_yt, mask=m_yt, other=0.0)
-            b_dot = _dot_bf16(b_xh, b_yh, b_dot, EMULATE_BF16)
-            b_dot = _dot_bf16(b_xh, b_yl, b_dot, EMULATE_BF16)
-            b_dot = _dot_bf16(b_xl, b_yh, b_dot, EMULATE_BF16)
-        b_csq = tl.load(csq_ptr + o_k, mask=m_k, other=float("inf"))  # [BK] padding: +Inf, e = 0
+        b_a = _dot_tile(xh_ptr, xl_ptr, xsq_ptr, ch_ptr, cl_ptr, csq_ptr, o_n, m_n, o_k, m_k, D, stride_x, stride_cs,
+                        3, EMULATE_BF16, BN, BK, BD)  # [BN, BK] padding: +Inf, e = 0
         b_e = tl.load(ce_ptr + o_k, mask=m_k, other=0.0)
-        b_a = b_xsq[:, None] + b_csq[None, :] - 2.0 * b_dot  # [BN, BK]
         t_min, t_code = _tile_best(b_a, o_k)
         b_other = o_k[None, :] != t_code[:, None]  # [BN, BK]
         t_lrest = tl.min(tl.where(b_other, b_a - b_e[None, :], float("inf")), axis=1)
@@ -268,33 +307,40 @@ def _certified(b_min, b_ebest, b_lrest, b_xsq, aux_ptr, bound_e):
 
 
 @triton.jit
+def _row_distance(z_ptr, c_ptr, o_n, b_row, m, D, stride_z, stride_c,
+                  GROUP: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+    """``[BN]`` direct-form fp32 distance of each row ``o_n`` to its code ``b_row`` (rows where ``m``
+    is False read nothing and get 0), summed in three levels as ``_direct_tile`` sums (its bound)."""
+    b_dist = tl.zeros([BN], dtype=tl.float32)
+    for d0 in range(0, D, BD * GROUP):
+        b_part = tl.zeros([BN], dtype=tl.float32)
+        for d1 in range(d0, tl.minimum(d0 + BD * GROUP, D), BD):
+            o_d = d1 + tl.arange(0, BD)
+            m_d = m[:, None] & (o_d < D)[None, :]
+            b_z = tl.load(z_ptr + o_n[:, None] * stride_z + o_d[None, :], mask=m_d, other=0.0).to(tl.float32)
+            b_c = tl.load(c_ptr + b_row[:, None] * stride_c + o_d[None, :], mask=m_d, other=0.0).to(tl.float32)
+            b_diff = b_z - b_c  # [BN, BD]
+            b_part += tl.sum(b_diff * b_diff, axis=1)
+        b_dist += b_part
+    return b_dist
+
+
+@triton.jit
 def _finish(b_best, z_ptr, c_ptr, idx_ptr, dist_ptr, zq_ptr, o_n, m_n, D, stride_z, stride_c, stride_zq,
             EXACT: tl.constexpr, RETURN_ZQ: tl.constexpr, GROUP: tl.constexpr,
             BN: tl.constexpr, BD: tl.constexpr):
-    """Best keys -> idx, dist (direct form, fp32), z_q; rows without a finite distance get -1."""
+    """Best keys -> idx, dist (direct form, fp32), z_q; rows without a finite distance get -1.
+
+    ``EXACT``: the key holds the direct-form distance itself; else the distance (and its finiteness) is
+    measured here by ``_row_distance`` with D tile ``BD``."""
     b_code = b_best & 0x7FFFFFFF
     b_bits = (b_best >> 32).to(tl.int32)
     b_ok = b_bits < INF_BITS
     b_row = tl.where(b_ok, b_code, 0)  # [BN] a valid codebook row to read, even for failed rows
     if EXACT:
-        # The key holds the direct-form distance itself.
         b_dist = b_bits.to(tl.float32, bitcast=True)
     else:
-        # The search was approximate: the reported distance, and its finiteness, are the direct form's.
-        m_c = m_n & b_ok
-        b_dist = tl.zeros([BN], dtype=tl.float32)
-        for d0 in range(0, D, BD * GROUP):
-            b_part = tl.zeros([BN], dtype=tl.float32)
-            for d1 in range(d0, tl.minimum(d0 + BD * GROUP, D), BD):
-                o_d = d1 + tl.arange(0, BD)
-                m_d = o_d < D
-                p_z = z_ptr + o_n[:, None] * stride_z + o_d[None, :]
-                p_c = c_ptr + b_row[:, None] * stride_c + o_d[None, :]
-                b_z = tl.load(p_z, mask=m_c[:, None] & m_d[None, :], other=0.0).to(tl.float32)  # [BN, BD]
-                b_c = tl.load(p_c, mask=m_c[:, None] & m_d[None, :], other=0.0).to(tl.float32)  # [BN, BD]
-                b_diff = b_z - b_c
-                b_part += tl.sum(b_diff * b_diff, axis=1)
-            b_dist += b_part
+        b_dist = _row_distance(z_ptr, c_ptr, o_n, b_row, m_n & b_ok, D, stride_z, stride_c, GROUP, BN, BD)
         b_ok = b_ok & (b_dist < float("inf"))
     b_fail = tl.where(b_bits == NAN_BITS, float("nan"), float("inf"))
     tl.store(idx_ptr + o_n, tl.where(b_ok, b_code, -1), mask=m_n)
@@ -313,6 +359,65 @@ def _finish(b_best, z_ptr, c_ptr, idx_ptr, dist_ptr, zq_ptr, o_n, m_n, D, stride
 
 
 @triton.jit
+def _rank_key(b_a, b_code):
+    """Sortable int64 keys ``(image of a) << 32 | code`` for fp32 values of any sign (any shape, codes
+    int32/int64 of the same shape or broadcastable): the order of (a, code), -0.0 as +0.0, NaN (made
+    canonical) above +Inf. ``_key_value`` inverts the first half; for a >= 0 these are ``_keys``'s keys."""
+    b_bits = tl.where(b_a == 0, 0.0, b_a).to(tl.int32, bitcast=True)
+    b_bits = tl.where(b_bits < 0, b_bits ^ 0x7FFFFFFF, b_bits)
+    b_bits = tl.where(b_a != b_a, NAN_BITS, b_bits)
+    return (b_bits.to(tl.int64) << 32) | b_code.to(tl.int64)
+
+
+@triton.jit
+def _key_value(b_key):
+    """The fp32 value a of a ``_rank_key`` (or ``_keys``) key."""
+    b_bits = (b_key >> 32).to(tl.int32)
+    return tl.where(b_bits < 0, b_bits ^ 0x7FFFFFFF, b_bits).to(tl.float32, bitcast=True)
+
+
+# --- the prologue of the search kernels (this file's, topk.py's and sample.py's) ----------------------
+
+
+@triton.jit
+def _row_block(N, BN: tl.constexpr):
+    """This program's block of rows (axis 0 of the grid): int64 offsets and mask, ``[BN]``."""
+    o_n = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
+    return o_n, o_n < N
+
+
+@triton.jit
+def _program_rows(N, rows_ptr, count_ptr, ROWS: tl.constexpr, BN: tl.constexpr):
+    """``_row_block``, or with ``ROWS`` the rows listed by the certified search in its place,
+    ``rows_ptr[:count]``."""
+    o_n, m_n = _row_block(N, BN)
+    if ROWS:
+        m_n = o_n < tl.load(count_ptr)
+        o_n = tl.load(rows_ptr + o_n, mask=m_n, other=0)
+    return o_n, m_n
+
+
+@triton.jit
+def _code_run(K, split, BK: tl.constexpr):
+    """Codes [k_lo, k_hi) of this program's run: program i_s (axis 1) of ``split`` scans a contiguous run
+    of code tiles (empty when there are fewer tiles than programs)."""
+    n_per = tl.cdiv(tl.cdiv(K, BK), split)
+    k_lo = tl.program_id(1).to(tl.int64) * n_per * BK
+    return k_lo, tl.minimum(k_lo + n_per * BK, K)
+
+
+@triton.jit
+def _min_over_runs(key_ptr, o_n, m_n, N, split, BN: tl.constexpr):
+    """Each row's least key over the ``split`` programs' runs, from a ``[split, N]`` key buffer."""
+    b_best = tl.full([BN], KEY_MAX, tl.int64)
+    p_key = key_ptr + o_n
+    for _ in range(0, split):
+        b_best = tl.minimum(b_best, tl.load(p_key, mask=m_n, other=KEY_MAX))
+        p_key += N
+    return b_best
+
+
+@triton.jit
 def _assign_kernel(z_ptr, c_ptr, xh_ptr, xl_ptr, xsq_ptr, ch_ptr, cl_ptr, csq_ptr, ce_ptr, aux_ptr,
                    key_ptr, part_ptr, idx_ptr, dist_ptr, zq_ptr, rows_ptr, count_ptr,
                    N, K, D, stride_z, stride_c, stride_x, stride_cs, stride_zq, split, n_bucket, bound_e,
@@ -320,19 +425,14 @@ def _assign_kernel(z_ptr, c_ptr, xh_ptr, xl_ptr, xsq_ptr, ch_ptr, cl_ptr, csq_pt
                    FINISH: tl.constexpr, RETURN_ZQ: tl.constexpr, ROWS: tl.constexpr,
                    GROUP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr):
     # n_bucket is only an autotune key (N rounded up to a power of two).
-    i_n = tl.program_id(0).to(tl.int64)
-    i_s = tl.program_id(1).to(tl.int64)
-    o_n = i_n * BN + tl.arange(0, BN)
-    m_n = o_n < N
     if ROWS:
-        # Only the rows listed by the certified search: rows_ptr[:count] (programs past it idle).
-        m_n = o_n < tl.load(count_ptr)
-        o_n = tl.load(rows_ptr + o_n, mask=m_n, other=0)
+        # Sized for every row: programs past the listed count have none and return at once.
+        if tl.program_id(0) * BN >= tl.load(count_ptr):
+            return
+    o_n, m_n = _program_rows(N, rows_ptr, count_ptr, ROWS, BN)
+    i_s = tl.program_id(1).to(tl.int64)
     if SEARCH:
-        # Program i_s of `split` scans a contiguous run of code tiles.
-        n_per = tl.cdiv(tl.cdiv(K, BK), split)
-        k_lo = i_s * n_per * BK
-        k_hi = tl.minimum(k_lo + n_per * BK, K)
+        k_lo, k_hi = _code_run(K, split, BK)
     if MODE == 3:
         if SEARCH:
             b_min, b_code, b_ebest, b_lrest = _search_certify(
@@ -355,7 +455,7 @@ def _assign_kernel(z_ptr, c_ptr, xh_ptr, xl_ptr, xsq_ptr, ch_ptr, cl_ptr, csq_pt
             b_slot = tl.atomic_add(count_ptr + tl.zeros([BN], dtype=tl.int32), 1, mask=m_retry)
             tl.store(rows_ptr + b_slot, o_n, mask=m_retry)
             _finish(b_code.to(tl.int64), z_ptr, c_ptr, idx_ptr, dist_ptr, zq_ptr, o_n, m_cert, D, stride_z,
-                    stride_c, stride_zq, False, RETURN_ZQ, GROUP, BN, BD)
+                    stride_c, stride_zq, False, RETURN_ZQ, GROUP, BN, _DIST_BD)
     else:
         if SEARCH:
             if MODE == 0:
@@ -367,14 +467,11 @@ def _assign_kernel(z_ptr, c_ptr, xh_ptr, xl_ptr, xsq_ptr, ch_ptr, cl_ptr, csq_pt
             if not FINISH:
                 tl.store(key_ptr + i_s * N + o_n, b_best, mask=m_n)
         else:
-            b_best = tl.full([BN], KEY_MAX, tl.int64)
-            p_key = key_ptr + o_n
-            for _ in range(0, split):
-                b_best = tl.minimum(b_best, tl.load(p_key, mask=m_n, other=KEY_MAX))
-                p_key += N
+            b_best = _min_over_runs(key_ptr, o_n, m_n, N, split, BN)
         if FINISH:
+            # The distance measured again, also in exact mode: with _DIST_BD, not the search's own tile.
             _finish(b_best, z_ptr, c_ptr, idx_ptr, dist_ptr, zq_ptr, o_n, m_n, D, stride_z, stride_c,
-                    stride_zq, MODE == 0, RETURN_ZQ, GROUP, BN, BD)
+                    stride_zq, False, RETURN_ZQ, GROUP, BN, _DIST_BD)
 
 
 _KEY = ["n_bucket", "K", "D", "split", "MODE", "SEARCH", "FINISH", "RETURN_ZQ", "ROWS"]
@@ -382,20 +479,16 @@ _KEY = ["n_bucket", "K", "D", "split", "MODE", "SEARCH", "FINISH", "RETURN_ZQ", 
 
 # Exact mode: BN x BK x BD broadcast tiles of FMA work, no tensor cores (BD <= 64: see the bound
 # in _search_exact).
-_assign_exact = triton.autotune(
-    configs=tune_configs(
-        [
-            triton.Config({"BN": 16, "BK": 32, "BD": 16}, num_warps=4),
-            triton.Config({"BN": 32, "BK": 32, "BD": 16}, num_warps=8),
-            triton.Config({"BN": 32, "BK": 64, "BD": 8}, num_warps=8),
-            triton.Config({"BN": 64, "BK": 32, "BD": 8}, num_warps=8),
-            triton.Config({"BN": 16, "BK": 64, "BD": 16}, num_warps=8),
-            triton.Config({"BN": 64, "BK": 64, "BD": 4}, num_warps=8),
-        ],
-        triton.Config({"BN": 64, "BK": 64, "BD": 32}),
-    ),
-    key=_KEY,
-)(_assign_kernel)
+_EXACT_CONFIGS = [
+    triton.Config({"BN": 16, "BK": 32, "BD": 16}, num_warps=4),
+    triton.Config({"BN": 32, "BK": 32, "BD": 16}, num_warps=8),
+    triton.Config({"BN": 32, "BK": 64, "BD": 8}, num_warps=8),
+    triton.Config({"BN": 64, "BK": 32, "BD": 8}, num_warps=8),
+    triton.Config({"BN": 16, "BK": 64, "BD": 16}, num_warps=8),
+    triton.Config({"BN": 64, "BK": 64, "BD": 4}, num_warps=8),
+]
+_EXACT_INTERPRETER = triton.Config({"BN": 64, "BK": 64, "BD": 32})
+_assign_exact = triton.autotune(configs=tune_configs(_EXACT_CONFIGS, _EXACT_INTERPRETER), key=_KEY)(_assign_kernel)
 
 # Tensor-core tiles (every block dim >= 16 for tl.dot), for the tf32 / bf16 modes and the
 # certified exact search. Chosen from the compiled sm_90 code (benchmarks/resources.py, no GPU
@@ -469,7 +562,8 @@ def assign_fwd(z: torch.Tensor, codebook: torch.Tensor, *, precision: str = "exa
 
     - ``idx``: the nearest code; among equal distances the lowest index (NumPy argmin order).
     - ``dist``: the direct-form squared distance ``sum_j (z_j - c_j)^2`` to ``codebook[idx]``,
-      accumulated in fp32, whatever ``precision``.
+      accumulated in fp32, whatever ``precision``, by the finish in D tiles of ``_DIST_BD`` whatever the
+      search's tiles: a code's distance has the same bits from every launch (any split or config).
     - ``z_q``: ``codebook[idx]`` bit for bit when ``return_zq``, written by the same launch that
       finishes the rows (the search launch itself when ``split == 1``, else the finish launch).
     - ``precision="exact"``: the chosen code is within ``(1 + 2^-16)`` of the float64 minimum
@@ -487,20 +581,16 @@ def assign_fwd(z: torch.Tensor, codebook: torch.Tensor, *, precision: str = "exa
       other row. (One corner differs from ``torch_ops``: in exact mode, a row holding +-Inf whose
       every code holds a NaN or that same infinity at the same place gets NaN, not +Inf.)
     - ``split``: programs along the code axis per row block; ``None`` picks it from N, K and the
-      GPU's SM count (1 under the interpreter). Results do not depend on it.
+      GPU's SM count (1 under the interpreter). Results do not depend on it: the runs' states merge
+      to the same best code, and ``dist`` is measured as above. (Only where the search's own rounding
+      decides, tf32 / bf16 and the plain direct-form search of N >= 2^31, may the autotuner's pick of
+      another tile for another split send a near-tie, within the mode's bound, to the other code.)
     """
     if precision not in _MODES:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if split is not None and (isinstance(split, bool) or not isinstance(split, int) or split < 1):
-        raise ValueError(f"split must be a positive int or None, got {split!r}")
+    z, codebook, idx, dist, z_q = _prepare(z, codebook, split, return_zq=return_zq)
     n, d = z.shape
     k = codebook.shape[0]
-    if k >= 2**31:
-        raise ValueError(f"the code index must fit the key's 31 bits, got K = {k}")
-    z, codebook = row_major(z), row_major(codebook)
-    idx = torch.empty(n, dtype=torch.int64, device=z.device)
-    dist = torch.empty(n, dtype=torch.float32, device=z.device)
-    z_q = torch.empty(n, d, dtype=codebook.dtype, device=z.device) if return_zq else None
     if n == 0:
         return idx, dist, z_q
 
@@ -525,17 +615,44 @@ def assign_fwd(z: torch.Tensor, codebook: torch.Tensor, *, precision: str = "exa
             d if cb is None else cb.hi.stride(0), d, split, triton.next_power_of_2(n), 0.0)
     flags = dict(MODE=mode, EMULATE_BF16=interpreting(), RETURN_ZQ=return_zq, ROWS=False, GROUP=_GROUP)
     launch = _assign_exact if mode == 0 else _assign_dot
-
-    def grid(meta):
-        return (triton.cdiv(n, meta["BN"]), split)
-
-    if split == 1:
-        launch[grid](*args, SEARCH=True, FINISH=True, **flags)
-    else:
-        launch[grid](*args, SEARCH=True, FINISH=False, **flags)
-        _assign_kernel[(triton.cdiv(n, _FINISH_BN), 1)](
-            *args, SEARCH=False, FINISH=True, BN=_FINISH_BN, BK=16, BD=_FINISH_BD, **flags)
+    launch[_search_grid(n, split)](*args, SEARCH=True, FINISH=split == 1, **flags)
+    if split > 1:
+        _launch_finish(_assign_kernel, n, args, **flags)
     return idx, dist, z_q
+
+
+def _prepare(z: torch.Tensor, codebook: torch.Tensor, split: int | None, *, k: int | None = None,
+             return_zq: bool = False):
+    """What the search launchers (``assign_fwd``, ``topk.topk_fwd``, ``sample.sample_fwd``) share before
+    launching: ``split`` checked, the code index within the key's 31 bits, both inputs row-major, and the
+    outputs: idx int64 and dist float32 ``[N]`` (``[N, k]`` with ``k``), z_q ``[N, D]`` in the codebook's
+    dtype or None. Returns ``(z, codebook, idx, dist, z_q)``."""
+    if split is not None and (isinstance(split, bool) or not isinstance(split, int) or split < 1):
+        raise ValueError(f"split must be a positive int or None, got {split!r}")
+    n, d = z.shape
+    num_codes = codebook.shape[0]
+    if num_codes >= 2**31:
+        raise ValueError(f"the code index must fit the key's 31 bits, got K = {num_codes}")
+    z, codebook = row_major(z), row_major(codebook)
+    shape = (n,) if k is None else (n, k)
+    idx = torch.empty(shape, dtype=torch.int64, device=z.device)
+    dist = torch.empty(shape, dtype=torch.float32, device=z.device)
+    z_q = torch.empty(n, d, dtype=codebook.dtype, device=z.device) if return_zq else None
+    return z, codebook, idx, dist, z_q
+
+
+def _search_grid(n: int, split: int):
+    """The grid of a search launch: row blocks of the config's BN, ``split`` programs along the codes."""
+    return lambda meta: (triton.cdiv(n, meta["BN"]), split)
+
+
+def _launch_finish(kernel, n: int, args, **flags) -> None:
+    """The finish-only launch of a split search (``split > 1``): ``_FINISH_BN`` rows a program (under the
+    interpreter, which pays per block operation, up to 1024: each row's finish is the same whatever its
+    block), merging the runs' state (the search's BK and BD are unused: the finish measures with
+    ``_DIST_BD``)."""
+    bn = min(1024, triton.next_power_of_2(n)) if interpreting() else _FINISH_BN
+    kernel[(triton.cdiv(n, bn), 1)](*args, SEARCH=False, FINISH=True, BN=bn, BK=16, BD=16, **flags)
 
 
 def _certify_bound(d: int) -> float:
@@ -569,22 +686,13 @@ def _assign_certified(z, codebook, idx, dist, z_q, split: int = 1) -> torch.Tens
                 triton.next_power_of_2(n), bound_e)
 
     flags = dict(EMULATE_BF16=interpreting(), RETURN_ZQ=return_zq, GROUP=_GROUP)
-
-    def grid(meta):
-        return (triton.cdiv(n, meta["BN"]), split)
-
-    _assign_certify[grid](*args(split), MODE=_CERTIFY, SEARCH=True, FINISH=split == 1, ROWS=False, **flags)
+    _assign_certify[_search_grid(n, split)](*args(split), MODE=_CERTIFY, SEARCH=True, FINISH=split == 1, ROWS=False,
+                                            **flags)
     if split > 1:
-        _assign_kernel[(triton.cdiv(n, _FINISH_BN), 1)](
-            *args(split), MODE=_CERTIFY, SEARCH=False, FINISH=True, ROWS=False, BN=_FINISH_BN, BK=16,
-            BD=_FINISH_BD, **flags)
-
-    def rows_grid(meta):
-        return (triton.cdiv(n, meta["BN"]), 1)
-
+        _launch_finish(_assign_kernel, n, args(split), MODE=_CERTIFY, ROWS=False, **flags)
     # Sized for every row; programs past the listed count return at once (no host sync). Each
     # listed row's search runs over all K codes (split 1).
-    _assign_exact[rows_grid](*args(1), MODE=0, SEARCH=True, FINISH=True, ROWS=True, **flags)
+    _assign_exact[_search_grid(n, 1)](*args(1), MODE=0, SEARCH=True, FINISH=True, ROWS=True, **flags)
     return count
 
 

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vqtriton.kernels import block_d, interpreting
+from vqtriton.kernels import _MAX_BLOCK_D, block_d, interpreting
 
 __all__ = ["Codebook", "centred_codebook", "centre_rows"]
 
@@ -90,6 +90,11 @@ def _centre_kernel(z_ptr, mean_ptr, hi_ptr, lo_ptr, sq_ptr, N, D, stride_z, stri
 
 # Rows per program of the pre-pass and its widest D tile: 32 x 64 fp32 = 8 KiB read per step.
 _CENTRE_BN, _CENTRE_BD = 32, 64
+# The interpreter pays per block operation, not per element (about 5 ms a program here at D = 47): there
+# the row and code blocks are numpy-sized. Each row's (code's) arithmetic is the same whatever the block
+# of rows (codes), so the results are the same bits; the D tiles of the row sums, which set their order,
+# are the GPU's.
+_INTERPRETER_ROWS = 1024
 
 
 def _part_dtype(parts: int) -> torch.dtype:
@@ -116,9 +121,10 @@ def centre_rows(z: torch.Tensor, mean: torch.Tensor, parts: int
     hi = _parts_buffer(n, d, dtype, z.device)
     lo = _parts_buffer(n, d, dtype, z.device) if parts == 3 else None
     sq = torch.empty(n, dtype=torch.float32, device=z.device)
-    _centre_kernel[(triton.cdiv(n, _CENTRE_BN),)](
+    bn = min(_INTERPRETER_ROWS, triton.next_power_of_2(n)) if interpreting() else _CENTRE_BN
+    _centre_kernel[(triton.cdiv(n, bn),)](
         z, mean, hi, hi if lo is None else lo, sq, n, d, z.stride(0), hi.stride(0),
-        PARTS=parts, EMULATE_BF16=interpreting(), BN=_CENTRE_BN, BD=block_d(d, _CENTRE_BD))
+        PARTS=parts, EMULATE_BF16=interpreting(), BN=bn, BD=block_d(d, _CENTRE_BD))
     return hi, lo, sq
 
 
@@ -245,18 +251,21 @@ def centred_codebook(codebook: torch.Tensor, parts: int, bound_e: float = 0.0) -
     rows_per = _SCAN_BK * triton.cdiv(triton.cdiv(k, _SCAN_BK), _SCAN_PROGRAMS)
     scan_programs = triton.cdiv(k, rows_per)
     part = torch.empty(scan_programs, d + 1, dtype=torch.float64, device=dev)
+    # (The interpreter adds pass 1's column sums code after code whatever the D tile: a wide one keeps their bits.)
+    scan_bd = _MAX_BLOCK_D if interpreting() else _SCAN_BD
     flag = torch.empty(k, dtype=torch.int32, device=dev)
     aux = torch.empty(2, dtype=torch.float32, device=dev)
     _codebook_scan_kernel[(scan_programs,)](codebook, part, flag, aux, k, d, rows_per, codebook.stride(0),
-                                            part.stride(0), BK=_SCAN_BK, BD=block_d(d, _SCAN_BD))
+                                            part.stride(0), BK=_SCAN_BK, BD=block_d(d, scan_bd))
     dtype = _part_dtype(parts)
     mean = torch.empty(d, dtype=torch.float32, device=dev)
     hi = _parts_buffer(k, d, dtype, dev)
     lo = _parts_buffer(k, d, dtype, dev) if parts == 3 else None
     sq = torch.empty(k, dtype=torch.float32, device=dev)
     ce = torch.empty(k, dtype=torch.float32, device=dev) if parts == 3 else None
-    _codebook_parts_kernel[(triton.cdiv(k, _PARTS_BK),)](
+    bk = min(_INTERPRETER_ROWS, triton.next_power_of_2(k)) if interpreting() else _PARTS_BK
+    _codebook_parts_kernel[(triton.cdiv(k, bk),)](
         codebook, part, flag, mean, hi, hi if lo is None else lo, sq, sq if ce is None else ce, aux,
         k, d, scan_programs, codebook.stride(0), part.stride(0), hi.stride(0), bound_e,
-        PARTS=parts, EMULATE_BF16=interpreting(), BP=_BP, BK=_PARTS_BK, BD=block_d(d, _CODEBOOK_BD))
+        PARTS=parts, EMULATE_BF16=interpreting(), BP=_BP, BK=bk, BD=block_d(d, _CODEBOOK_BD))
     return Codebook(mean, hi, lo, sq, ce, aux)

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from vqtriton.kernels import block_d, row_major, tile_configs, tile_rows
+from vqtriton.kernels import block_d, interpreting, row_major, tune_configs
 from vqtriton.kernels.gather import scatter_add
 
 __all__ = ["quantize_backward"]
@@ -38,6 +38,17 @@ __all__ = ["quantize_backward"]
 
 # vector-quantize-pytorch's clamp of the norms in the rotation trick (its safe_div and l2norm eps).
 ROTATION_EPS = tl.constexpr(1e-6)
+# The interpreter pays per block operation and per program, not per element: there one program takes up
+# to 64 Ki elements, and no more rows than N (``block_rows``). Each row's arithmetic is the same whatever
+# the rows per program, and the atomics add the rows in the same order, so the results are the same bits.
+INTERPRETER_TILE = 1 << 16
+
+
+def block_rows(args) -> int:
+    """BLOCK_N of the row kernels here and in residual.py: the config's TILE over the launcher's BLOCK_D
+    (as ``kernels.tile_rows``); under the interpreter at most N, rounded up to a power of two."""
+    rows = max(1, args["TILE"] // args["BLOCK_D"])
+    return min(rows, triton.next_power_of_2(args["N"])) if interpreting() else rows
 
 
 @triton.jit
@@ -75,12 +86,20 @@ def _rotation(p_z, p_zq, p_g, o_n, m_n, D, stride_z, stride_zq, stride_g, BLOCK_
         s_tt += tl.sum(b_t * b_t, axis=1)
         s_tg += tl.sum(b_t * b_g, axis=1)
         s_qg += tl.sum(b_q * b_g, axis=1)
+    return _rotation_scalars(s_zz, s_qq, s_tt, s_tg, s_qg)
+
+
+@triton.jit
+def _rotation_scalars(s_xx, s_qq, s_tt, s_tg, s_qg):
+    """``(lam, alpha, beta)`` with ``lam R^T g = lam g + alpha x + beta q`` (``_rotation``; also the residual
+    kernels' per-level rotation) from the row sums |x|^2, |q|^2, |t|^2, t.g and q^.g, ``t = x^ + q^`` summed
+    elementwise (x^, q^ the rows over their clamped norms), of any block shape."""
+    e_x = tl.maximum(tl.sqrt(s_xx), ROTATION_EPS)
+    e_q = tl.maximum(tl.sqrt(s_qq), ROTATION_EPS)
     s = tl.maximum(tl.sqrt(s_tt), ROTATION_EPS)
-    lam = tl.sqrt(s_qq) / e_z
+    lam = tl.sqrt(s_qq) / e_x
     wg = s_tg / s  # w . g
-    alpha = 2.0 * lam * (s_qg - wg / s) / e_z
-    beta = -2.0 * lam * wg / (s * e_q)
-    return lam, alpha, beta
+    return lam, 2.0 * lam * (s_qg - wg / s) / e_x, -2.0 * lam * wg / (s * e_q)
 
 
 @triton.jit
@@ -122,13 +141,14 @@ def _rotation_tiles(configs, named_args, **kwargs):
 
 @triton.autotune(
     # Five pointer blocks per tile: smaller tiles than the pure copies.
-    configs=tile_configs([(2048, 4), (4096, 8), (1024, 4)]),
+    configs=tune_configs([triton.Config({"TILE": t}, num_warps=w) for t, w in [(2048, 4), (4096, 8), (1024, 4)]],
+                         triton.Config({"TILE": INTERPRETER_TILE})),
     key=["D", "HAS_GRAD", "CODEBOOK_GRAD", "ATOMIC", "ROTATE"],
     # Timing runs add into dcodebook too: zero it before each run and after tuning.
     reset_to_zero=["p_dcb"],
     prune_configs_by={"early_config_prune": _rotation_tiles},
 )
-@tile_rows
+@triton.heuristics({"BLOCK_N": block_rows})
 @triton.jit
 def _quantize_bwd_kernel(
     p_z,

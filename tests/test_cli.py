@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import vqtriton
-from vqtriton import check, cli
+from vqtriton import check, checkpoint, cli
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -78,20 +78,29 @@ def test_demo_trains_saves_and_resumes(tmp_path, capsys):
     assert "reconstruction error" in out and "perplexity" in out and "usage" in out
     assert_png(tmp_path / "reconstructions.png")
     assert_png(tmp_path / "training.png")
-    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    state = checkpoint.load(tmp_path / "checkpoint.pt")
     assert state["step"] == 40
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 40  # a plain torch file too
     rec = state["history"]["reconstruction"]
     assert rec[-1] < 0.7 * rec[0], f"the loss did not fall: {rec[0]:.4f} -> {rec[-1]:.4f}"
-    assert not list(tmp_path.glob("*.tmp*")), "the checkpoint's temp file was left behind"
+    assert not checkpoint.stale_temp_files(tmp_path / "checkpoint.pt"), "the checkpoint's temp file was left behind"
 
-    # --resume continues from the saved step instead of starting over.
+    # --resume continues from the saved step, exactly: the history is the one of a 60-step run
+    # (every 10th step and the last), and tests/test_resume.py checks the weights bit for bit.
     args[2] = "60"
     assert cli.main([*args, "--resume"]) == 0
-    resumed = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert f"resumed from step 40 of {tmp_path / 'checkpoint.pt'}" in capsys.readouterr().out
+    resumed = checkpoint.load(tmp_path / "checkpoint.pt")
     assert resumed["step"] == 60
-    steps = resumed["history"]["step"]
-    assert steps[: len(state["history"]["step"])] == state["history"]["step"]
-    assert steps[-1] == 59 and steps == sorted(set(steps))
+    assert resumed["history"]["step"] == [0, 10, 20, 30, 40, 50, 59]
+    assert resumed["history"]["reconstruction"][:4] == state["history"]["reconstruction"][:4]
+
+
+def test_demo_resume_without_a_checkpoint_says_it_starts_at_step_0(tmp_path, capsys):
+    args = ["demo", "--steps", "3", "--codes", "4", "--batch", "5", "--backend", "torch", "--out", str(tmp_path)]
+    assert cli.main([*args, "--resume"]) == 0
+    assert f"no checkpoint at {tmp_path / 'checkpoint.pt'}: started at step 0" in capsys.readouterr().out
+    assert checkpoint.load(tmp_path / "checkpoint.pt")["step"] == 3
 
 
 def test_demo_ema_mode(tmp_path, capsys):

@@ -20,7 +20,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS = {"_assign_kernel", "_centre_kernel", "_codebook_scan_kernel", "_codebook_parts_kernel", "_gather_kernel",
            "_scatter_add_kernel", "_segment_sum_kernel", "_sqerr_fwd_kernel", "_sum_partials_kernel",
-           "_sqerr_bwd_kernel", "_quantize_bwd_kernel"}
+           "_sqerr_bwd_kernel", "_quantize_bwd_kernel", "_topk_kernel", "_sample_kernel",
+           "_lfq_halves_kernel", "_lfq_halves_bwd_kernel", "_entropy_kernel", "_residual_kernel", "_replay_kernel"}
 
 
 @pytest.mark.slow

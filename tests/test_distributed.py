@@ -7,8 +7,6 @@ A hung collective fails the test: gloo's own timeout, and a bounded join that ki
 """
 
 import os
-import time
-from datetime import timedelta
 
 import numpy as np
 import pytest
@@ -22,6 +20,7 @@ from vqtriton import distributed, reference
 from vqtriton.layer import VectorQuantizer
 from vqtriton.model import VQVAE
 from vqtriton.residual import ResidualVQ
+import gloo
 from helpers import f64
 
 WORLD = 2
@@ -33,32 +32,14 @@ COLLECTIVE_TIMEOUT_S = 60
 
 
 def _worker(rank: int, scenario: str, store: str, out_dir: str) -> None:
-    os.environ["VQTRITON_BACKEND"] = "torch"
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{store}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
-    )
-    try:
-        result = globals()[scenario](rank)
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    with gloo.process_group(rank, WORLD, store, COLLECTIVE_TIMEOUT_S):
+        torch.save(globals()[scenario](rank), os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def run_ranks(tmp_path, scenario) -> list:
     """What ``scenario(rank)`` returned on each rank; fails the test if a rank hangs."""
     ctx = mp.spawn(_worker, args=(scenario.__name__, str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
-    while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):  # raises if a rank failed
-        if time.monotonic() >= deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail(f"{scenario.__name__}: ranks still running after {JOIN_TIMEOUT_S} s (a collective hung?)")
+    gloo.join(ctx, JOIN_TIMEOUT_S, scenario.__name__)
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
 
@@ -299,3 +280,120 @@ def test_single_process_needs_no_process_group():
         VectorQuantizer(3, 4, ema_decay=0.9, sync=True)(torch.randn(5, 3))
     with pytest.raises(TypeError, match="sync must be None, True or False"):
         VectorQuantizer(3, 4, sync=1)
+
+
+# --- residual VQ: a shared EMA codebook, the fused ops, one dropout draw for all ranks ------------------
+
+RVQ_STEPS = [(13, 27), (31, 9), (40, 0)]
+D_RVQ, K_RVQ, Q_RVQ = 5, 8, 3
+
+
+def rvq_module(**kw) -> ResidualVQ:
+    torch.manual_seed(0)
+    return ResidualVQ(D_RVQ, K_RVQ, Q_RVQ, shared_codebook=True, ema_decay=0.8, backend="torch", **kw)
+
+
+def rvq_scenario(rank: int) -> dict:
+    out = {}
+    for name, kw in (("shared-ema", {}), ("shared-ema-dropout", dict(quantize_dropout=0.9))):
+        rvq, indices = rvq_module(**kw), []
+        torch.manual_seed(100 + rank)  # each rank's own global generator: the dropout draw must still agree
+        for step, sizes in enumerate(RVQ_STEPS):
+            indices.append(rvq(share(batch(step, sum(sizes), D_RVQ), sizes, rank))[1])
+        out[name] = dict(state=rvq.state_dict(), indices=indices)
+    return out
+
+
+def test_shared_ema_residual_equals_one_process_and_drops_the_same_levels(tmp_path):
+    """2 ranks of a ResidualVQ with one shared EMA codebook (the fused ops, one EMA step per training step)
+    equal one process on the concatenated batch; with quantize dropout every rank drops the same levels."""
+    ranks = run_ranks(tmp_path, rvq_scenario)
+    single = rvq_module(sync=False)
+    for step, sizes in enumerate(RVQ_STEPS):
+        _, idx, _ = single(batch(step, sum(sizes), D_RVQ))
+        for r in range(WORLD):
+            assert torch.equal(ranks[r]["shared-ema"]["indices"][step], share(idx, sizes, r)), (step, r)
+    for name, value in single.state_dict().items():
+        torch.testing.assert_close(ranks[0]["shared-ema"]["state"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+    for config in ("shared-ema", "shared-ema-dropout"):
+        assert_ranks_identical([ranks[r][config]["state"] for r in range(WORLD)], config)
+    for step in range(len(RVQ_STEPS)):
+        kept = [(ranks[r]["shared-ema-dropout"]["indices"][step] >= 0).any(0) for r in range(WORLD)
+                if ranks[r]["shared-ema-dropout"]["indices"][step].numel()]
+        assert all(torch.equal(k, kept[0]) for k in kept), step
+
+
+# --- the affine map's batch statistics and the in-place optimiser, over ranks --------------------------
+
+AFFINE_STEPS = [(13, 27), (31, 9), (40, 0)]  # rows per rank; rank 1 gets none in the last step
+IN_PLACE_STEPS = [(20, 20), (17, 17)]  # equal shares: the averaged gradient is the full batch's
+IN_PLACE_UNEVEN = [(0, 17), (9, 30), (5, 0)]
+D_AF, K_AF = 6, 9
+
+
+def affine_vq(**kw) -> VectorQuantizer:
+    torch.manual_seed(0)
+    return VectorQuantizer(D_AF, K_AF, ema_decay=0.8, heads=2, affine=True, backend="torch", **kw)
+
+
+def in_place_vq(**kw) -> VectorQuantizer:
+    torch.manual_seed(0)
+    return VectorQuantizer(D_AF, K_AF, in_place_optimizer=lambda p: torch.optim.SGD(p, lr=0.5, momentum=0.5),
+                           backend="torch", **kw)
+
+
+def affine_batch(step: int, n: int) -> torch.Tensor:
+    return 3 * batch(step, n, D_AF) + torch.arange(D_AF)  # offset channels: the statistics matter
+
+
+def _run(vq, steps, rank, make=affine_batch):
+    for step, sizes in enumerate(steps):
+        vq(share(make(step, sum(sizes)), sizes, rank))
+    return vq.state_dict()
+
+
+def affine_scenario(rank: int) -> dict:
+    from vector_quantize_pytorch import VectorQuantize as VQP
+
+    from vqtriton.compat import VectorQuantize
+
+    out = dict(
+        affine=_run(affine_vq(), AFFINE_STEPS, rank),
+        unsynced_affine=_run(affine_vq(sync_affine=False), AFFINE_STEPS, rank),
+        in_place=_run(in_place_vq(), IN_PLACE_STEPS, rank, lambda s, n: batch(s, n, D_AF)),
+        in_place_uneven=_run(in_place_vq(), IN_PLACE_UNEVEN, rank, lambda s, n: batch(s, n, D_AF)),
+    )
+    # vqp itself on the same rank batches (each non-empty: vqp's empty batch gives NaN statistics).
+    for name, kw in (("vqp_affine", dict(affine_param=True, sync_affine_param=True)),
+                     ("vqp_in_place", dict(learnable_codebook=True, ema_update=False, affine_param=True,
+                                           in_place_codebook_optimizer=lambda p: torch.optim.SGD(p, lr=0.5)))):
+        states = []
+        for cls in (VQP, VectorQuantize):
+            torch.manual_seed(0)
+            vq = cls(D_AF, K_AF, **kw)
+            states.append(_run(vq, AFFINE_STEPS[:2], rank))
+        out[name] = states
+    return out
+
+
+def test_affine_statistics_and_in_place_steps_are_synchronised(tmp_path):
+    """The affine map's batch statistics over every rank's vectors (``sync_affine``), and the in-place optimiser's
+    gradient averaged over ranks: ranks stay identical and equal one process on the concatenated batch (equal
+    shares for the in-place step); uneven and empty batches do not hang; vqp itself on the same ranks agrees."""
+    ranks = run_ranks(tmp_path, affine_scenario)
+    for name in ("affine", "in_place", "in_place_uneven"):
+        assert_ranks_identical([ranks[r][name] for r in range(WORLD)], name)
+    whole = lambda steps: [(sum(sizes),) for sizes in steps]  # noqa: E731  (one process, the full batches)
+    single = {"affine": _run(affine_vq(sync=False), whole(AFFINE_STEPS), 0),
+              "in_place": _run(in_place_vq(sync=False), whole(IN_PLACE_STEPS), 0, lambda s, n: batch(s, n, D_AF))}
+    for name, state in single.items():
+        for key, value in state.items():
+            torch.testing.assert_close(ranks[0][name][key], value, rtol=1e-5, atol=1e-5, msg=f"{name}: {key}")
+    unsynced = [ranks[r]["unsynced_affine"]["affine_batch_mean"] for r in range(WORLD)]
+    assert not torch.allclose(unsynced[0], unsynced[1])  # the check can see a difference
+    for r in range(WORLD):
+        for name in ("vqp_affine", "vqp_in_place"):
+            theirs, ours = ranks[r][name]
+            assert list(ours) == list(theirs)
+            for key, value in theirs.items():
+                torch.testing.assert_close(ours[key].float(), value.float(), rtol=1e-5, atol=1e-5, msg=f"{name}: {key}")

@@ -22,6 +22,8 @@ def blocks(request, monkeypatch):
     monkeypatch.setattr(C, "_SCAN_PROGRAMS", scan_programs)
     monkeypatch.setattr(C, "_PARTS_BK", 16 if scan_bk == 4 else C._PARTS_BK)
     monkeypatch.setattr(C, "_BP", 2 if scan_bk == 4 else C._BP)
+    # The interpreter's numpy-sized row and code blocks: small too, so pass 2 runs several programs.
+    monkeypatch.setattr(C, "_INTERPRETER_ROWS", 16 if scan_bk == 4 else C._INTERPRETER_ROWS)
 
 
 @pytest.mark.parametrize("k, d", [(1, 1), (37, 5), (130, 67), (257, 9)], ids=["K1-D1", "K37-D5", "K130-D67", "K257-D9"])
@@ -71,7 +73,7 @@ def test_centred_codebook_all_nan_and_huge_values(device):
 @pytest.mark.parametrize("n, d", [(1, 1), (33, 7), (70, 130)], ids=["N1-D1", "N33-D7", "N70-D130"])
 @pytest.mark.parametrize("parts", [1, 2, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_centre_rows(device, n, d, parts, dtype):
+def test_centre_rows(device, blocks, n, d, parts, dtype):
     z = (torch.randn(n, d, device=device) + 20).to(dtype)
     if n > 2:
         z[1, 0], z[2, d - 1] = NAN, INF

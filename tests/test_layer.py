@@ -4,6 +4,7 @@ Core behaviour runs on both backends ("torch", "triton": the kernels, through th
 CPU); the longer training tests run once on the default routing. Shapes are small and not powers of two.
 """
 
+import copy
 import io
 
 import numpy as np
@@ -224,7 +225,6 @@ def test_dead_code_restart_revives_starved_codes(device):
     z = torch.randn(25, D, device=device)
     mask = torch.arange(25, device=device) >= 5
     z[~mask] = 1e3  # masked rows must never seed a code
-    before = vq.codebook.clone()
     _, idx, _ = vq(z, mask)
 
     size = g + (1 - g) * np.bincount(idx[mask].cpu().numpy(), minlength=K)  # the EMA step
@@ -393,17 +393,26 @@ def test_state_dict_round_trip(ema_decay, device):
         (dict(num_codes=0), ValueError, "num_codes must be >= 1"),
         (dict(beta=-0.5), ValueError, "beta must be >= 0"),
         (dict(beta=float("inf")), ValueError, "beta"),
-        (dict(ema_decay=1.0), ValueError, r"ema_decay must be in \(0, 1\)"),
+        (dict(ema_decay=1.5), ValueError, r"ema_decay must be in \(0, 1\]"),
         (dict(ema_decay=0.0), ValueError, "ema_decay"),
         (dict(eps=0.0), ValueError, "eps must be > 0"),
         (dict(metric="dot"), ValueError, "metric must be one of"),
         (dict(channel_dim=1.0), TypeError, "channel_dim must be an int"),
         (dict(kmeans_iters=-1), ValueError, "kmeans_iters must be >= 0"),
         (dict(dead_code_threshold=-1.0), ValueError, "dead_code_threshold must be >= 0"),
-        (dict(dead_code_threshold=1.0), ValueError, "needs ema_decay"),
+        (dict(usage_decay=0.0), ValueError, r"usage_decay must be in \(0, 1\]"),
+        (dict(rotation_trick=True, directional_reparam=True), ValueError, "choose one"),
+        (dict(sample_temperature=-1.0), ValueError, "sample_temperature must be >= 0"),
+        (dict(generator=0), TypeError, "generator must be a torch.Generator"),
         (dict(reduction="none"), ValueError, "reduction must be one of"),
         (dict(precision="fp8"), ValueError, "precision must be one of"),
         (dict(backend="cuda"), ValueError, "backend must be one of"),
+        (dict(affine=True, metric="cosine"), ValueError, "affine=True needs the l2 metric"),
+        (dict(affine=True, affine_batch_decay=1.5), ValueError, r"affine_batch_decay must be in \[0, 1\]"),
+        (dict(affine=True, affine_codebook_decay=-0.1), ValueError, r"affine_codebook_decay must be in \[0, 1\]"),
+        (dict(sync_affine=1), TypeError, "sync_affine must be None, True or False"),
+        (dict(in_place_optimizer=3), TypeError, "in_place_optimizer must be a callable"),
+        (dict(ema_decay=0.9, in_place_optimizer=torch.optim.SGD), ValueError, "in_place_optimizer needs codebook parameters"),
     ],
     ids=lambda v: next(iter(v)) if isinstance(v, dict) else None,
 )
@@ -428,3 +437,319 @@ def test_forward_checks(device):
         vq(z, torch.ones(2, 5, dtype=torch.bool, device=device))
     with pytest.raises(ValueError, match="reduction"):
         vq(z, reduction="none")
+
+
+# --- per-call options: top-k, given indices, EMA weights and accumulation, freezing, gradients --------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_topk_candidates(backend, device):
+    """topk=k: the k nearest codes (reference order), each candidate's output straight through to its
+    vector, a loss per candidate; no codebook change."""
+    B, T, D, K, k, beta = 2, 9, 5, 17, 4, 0.3
+    vq = VectorQuantizer(D, K, beta=beta, ema_decay=0.8, backend=backend).to(device)
+    state = {n: t.clone() for n, t in vq.state_dict().items()}
+    z = torch.randn(B, T, D, device=device, requires_grad=True)
+    mask = torch.rand(B, T, device=device) > 0.3
+    z_q, idx, loss = vq(z, mask, topk=k)
+    assert z_q.shape == (B, T, k, D) and idx.shape == (B, T, k) and loss.shape == (B, T, k)
+    m = f64(mask).astype(bool)
+    ref = reference.nearest_codes(f64(z)[m], f64(vq.codebook), k)
+    np.testing.assert_array_equal(idx.cpu().numpy()[m], ref)
+    assert (idx[~mask] == -1).all() and (loss[~mask] == 0).all() and (z_q[~mask] == 0).all()
+    codes = f64(vq.codebook)[ref]
+    close(z_q[mask], codes)
+    close(loss[mask], beta * ((f64(z)[m][:, None] - codes) ** 2).mean(-1), rtol=1e-5)
+    w = torch.randn_like(z_q)
+    (dz,) = torch.autograd.grad((z_q * w).sum(), z)
+    close(dz, f64(w.sum(2)) * m[..., None])
+    assert all(torch.equal(t, vq.state_dict()[n]) for n, t in state.items())
+    with pytest.raises(ValueError, match="one head"):
+        VectorQuantizer(4, 7, heads=2).to(device)(torch.randn(3, 4, device=device), topk=2)
+
+
+def test_update_indices_is_the_forward_update(device):
+    """update_indices(z, indices) after a top-k call == the update forward makes with its own indices."""
+    a = VectorQuantizer(6, 11, ema_decay=0.7, dead_code_threshold=0.0).to(device)
+    b = copy.deepcopy(a)
+    z = torch.randn(4, 10, 6, device=device)
+    mask = torch.rand(4, 10, device=device) > 0.2
+    _, idx, _ = a(z, mask)
+    _, top, _ = b(z, mask, topk=1)
+    b.update_indices(z, top[..., 0], mask)
+    for name, t in a.state_dict().items():
+        torch.testing.assert_close(b.state_dict()[name], t, msg=name)
+    with pytest.raises(ValueError, match=r"indices must have shape \(4, 10\)"):
+        b.update_indices(z, top)
+
+
+def test_ema_update_weight_and_accumulation(device):
+    """A weight w_k moves code k by (1 - g) w_k of the way (float64 check); accumulated calls add their
+    counts and sums to the next step's, with no step of their own; ema_update=False keeps the codes."""
+    N, D, K, g = 60, 4, 7, 0.8
+    vq = VectorQuantizer(D, K, ema_decay=g, backend="torch").to(device)
+    size0, sum0 = f64(vq.cluster_size), f64(vq.embed_sum)
+    weight = torch.rand(K, device=device)
+    z = torch.randn(N, D, device=device)
+    _, idx, _ = vq(z, ema_update_weight=lambda sums, counts: weight)
+    ref = idx.cpu().numpy()
+    rate = (1 - g) * f64(weight)
+    close(vq.cluster_size, size0 + rate * (np.bincount(ref, minlength=K) - size0))
+    close(vq.embed_sum, sum0 + rate[:, None] * (per_code_sums(ref, f64(z), K) - sum0), rtol=1e-5)
+
+    acc, plain = copy.deepcopy(vq), copy.deepcopy(vq)
+    z1, z2 = torch.randn(N, D, device=device), torch.randn(N, D, device=device)
+    codes = acc.codebook.clone()
+    acc(z1, accum_ema_update=True)
+    assert torch.equal(acc.codebook, codes)
+    acc(z2)
+    _, i1, _ = plain(z1, freeze_codebook=True)
+    _, i2, _ = plain(z2, freeze_codebook=True)
+    both = torch.cat([z1, z2])
+    plain.update_indices(both, torch.cat([i1, i2]))  # one step with both batches' statistics
+    for name, t in plain.state_dict().items():
+        torch.testing.assert_close(acc.state_dict()[name], t, msg=name)
+    assert not acc.accum_counts.any()
+
+    codes = vq.codebook.clone()
+    vq(z, ema_update=False)  # no dead-code restarts: nothing moves at all
+    assert torch.equal(vq.codebook, codes)
+
+
+def test_freeze_and_manual_ema_update(device):
+    vq = VectorQuantizer(4, 9).to(device)
+    z = torch.randn(20, 4, device=device, requires_grad=True)
+    _, _, loss = vq(z, freeze_codebook=True)
+    loss.backward()
+    assert vq.codebook.grad is None or not vq.codebook.grad.any()
+    ema = VectorQuantizer(4, 9, ema_decay=0.5, manual_ema_update=True).to(device)
+    codes = ema.codebook.clone()
+    ema(z.detach())
+    assert torch.equal(ema.codebook, codes) and not torch.equal(ema.cluster_size, torch.ones_like(ema.cluster_size))
+    ema.refresh_codes()
+    torch.testing.assert_close(ema.codebook, ema.embed_sum / smoothed_t(ema.cluster_size, ema.eps).unsqueeze(1))
+    with pytest.raises(ValueError, match="refresh_codes needs an EMA codebook"):
+        vq.refresh_codes()
+
+
+def smoothed_t(size: torch.Tensor, eps: float) -> torch.Tensor:
+    n = size.sum()
+    return (size + eps) / (n + size.shape[0] * eps) * n
+
+
+def test_learned_codebook_restarts_dead_codes_by_usage(device):
+    """A learned codebook with dead_code_threshold tracks its usage (usage_decay) and re-seeds unused codes
+    from batch rows; its codes stay parameters."""
+    D, K = 3, 12
+    vq = VectorQuantizer(D, K, dead_code_threshold=0.5, usage_decay=0.4).to(device)
+    assert isinstance(vq.codebook, nn.Parameter) and vq.keeps_statistics
+    with torch.no_grad():
+        vq.codebook[1:] += 100.0  # only code 0 is ever chosen
+    z = torch.randn(40, D, device=device)
+    vq(z)
+    rows = f64(z)
+    revived = f64(vq.codebook)[1:]
+    assert all(np.isclose(rows, c).all(1).any() for c in revived)  # every starved code is now a batch row
+    close(vq.cluster_size[1:], np.full(K - 1, 1.0))
+
+
+def test_output_gradients_to_codebook_and_input(device):
+    """route_gradients_to_input=False: z_q is the codes (the codebook's gradient, none to z);
+    straight_through_in_eval=False: the same in eval mode; DiVeQ with variance 0 has the codes' value."""
+    z = torch.randn(15, 4, device=device, requires_grad=True)
+    vq = VectorQuantizer(4, 9, route_gradients_to_input=False).to(device)
+    z_q, idx, _ = vq(z)
+    w = torch.randn_like(z_q)
+    dz, dc = torch.autograd.grad((z_q * w).sum(), (z, vq.codebook), allow_unused=True)
+    assert dz is None
+    want = torch.zeros_like(vq.codebook).index_add_(0, idx, w)
+    torch.testing.assert_close(dc, want)
+    ev = VectorQuantizer(4, 9, straight_through_in_eval=False).to(device).eval()
+    z_q, _, _ = ev(z)
+    assert not torch.autograd.grad(z_q.sum(), z, allow_unused=True, materialize_grads=True)[0].any()
+    dv = VectorQuantizer(4, 9, directional_reparam=True, directional_reparam_variance=0.0).to(device)
+    z_q, idx, _ = dv(z)
+    torch.testing.assert_close(z_q, dv.codebook[idx], rtol=1e-5, atol=1e-6)
+    dz, dc = torch.autograd.grad((z_q * w).sum(), (z, dv.codebook))
+    e = (dv.codebook[idx] - z).detach()
+    u = e / e.norm(dim=1, keepdim=True)
+    # d/dz <z + u |c - z|, w> = w - u (w.u) ; d/dc = u (w.u) at each row's code
+    torch.testing.assert_close(dz, w - u * (w * u).sum(1, keepdim=True), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(dc, torch.zeros_like(dc).index_add_(0, idx, u * (w * u).sum(1, keepdim=True)),
+                               rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("heads, shared", [(1, False), (2, True), (2, False)], ids=["one", "shared", "separate"])
+def test_code_cross_entropy(heads, shared, device):
+    """code_cross_entropy == F.cross_entropy over vqp's logits (-sqrt of the squared distance), per head."""
+    D, K = 6, 9
+    vq = VectorQuantizer(D, K, heads=heads, shared_codebook=shared).to(device)
+    z = torch.randn(3, 7, D, device=device, requires_grad=True)
+    target = torch.randint(-1, K, (3, 7, heads) if heads > 1 else (3, 7), device=device)
+    loss = vq.code_cross_entropy(z, target)
+    books = vq.codebook if vq.num_books > 1 else vq.codebook.expand(heads, K, D // heads)
+    parts = z.reshape(-1, heads, D // heads)
+    t = target.reshape(-1, heads)
+    logits = torch.stack([-torch.cdist(parts[:, h], books[h]) for h in range(heads)], 1)  # [n, H, K]
+    want = nn.functional.cross_entropy(logits.reshape(-1, K), t.reshape(-1), ignore_index=-1)
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+    g1 = torch.autograd.grad(loss, (z, vq.codebook), retain_graph=True)
+    g2 = torch.autograd.grad(want, (z, vq.codebook))
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    _, _, _, ce = vq(z, target_indices=target)
+    torch.testing.assert_close(ce, want, rtol=1e-5, atol=1e-6)
+
+
+def test_generator(device):
+    """Every draw takes the layer's generator (k-means starts, restarts): the same seed, the same run; the
+    global generator untouched."""
+    def run():
+        gen = torch.Generator(device=device).manual_seed(3)
+        vq = VectorQuantizer(4, 10, ema_decay=0.5, dead_code_threshold=3.0, kmeans_init=True, generator=gen).to(device)
+        data = torch.Generator(device=device).manual_seed(0)
+        for _ in range(3):
+            vq(torch.randn(25, 4, device=device, generator=data))
+        return vq.state_dict()
+    state = torch.get_rng_state()
+    a, b = run(), run()
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- the affine map (affine=True) -------------------------------------------------------------------------
+
+
+def _moments(x: np.ndarray):
+    return x.mean(0), x.var(0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_affine_steps_against_float64(backend, device):
+    """Three EMA steps with the affine map, each against float64: the running statistics (first value as it
+    is, then decayed; the batch's over kept finite rows only), the nearest of the mapped codes, the output
+    (the mapped codes), and the EMA statistics of the inputs mapped back."""
+    N, D, K, g, gb, gc, eps = 90, 7, 13, 0.8, 0.7, 0.4, 1e-5
+    vq = VectorQuantizer(D, K, ema_decay=g, eps=eps, affine=True, affine_batch_decay=gb, affine_codebook_decay=gc,
+                         backend=backend).to(device)
+    size, embed_sum = np.ones(K), f64(vq.codebook)
+    bm = bv = cm = cv = None
+    std = lambda v: np.sqrt(np.maximum(v, 1e-5))  # noqa: E731
+    for step in range(3):
+        z = 3 * torch.randn(N, D, device=device) + 2
+        mask = None if step == 0 else torch.rand(N, device=device) > 0.3
+        if step == 2:
+            z[5] = float("nan")  # a non-finite row: in no statistic (index -1)
+        codes = f64(vq.codebook)
+        z_q, idx, _ = vq(z, mask)
+        m = np.ones(N, bool) if mask is None else f64(mask).astype(bool)
+        m[~np.isfinite(f64(z)).all(1)] = False
+        zk = f64(z)[m]
+        new_cm, new_cv = _moments(codes)
+        new_bm, new_bv = _moments(zk)
+        cm, cv = (new_cm, new_cv) if cm is None else (gc * cm + (1 - gc) * new_cm, gc * cv + (1 - gc) * new_cv)
+        bm, bv = (new_bm, new_bv) if bm is None else (gb * bm + (1 - gb) * new_bm, gb * bv + (1 - gb) * new_bv)
+        close(vq.affine_codebook_mean, cm, rtol=1e-5, atol=1e-6)
+        close(vq.affine_codebook_var, cv, rtol=1e-5, atol=1e-6)
+        close(vq.affine_batch_mean, bm, rtol=1e-5, atol=1e-5)
+        close(vq.affine_batch_var, bv, rtol=1e-5, atol=1e-5)
+        mapped = (codes - cm) * (std(bv) / std(cv)) + bm
+        ref = reference.nearest_code(zk, mapped)
+        np.testing.assert_array_equal(idx.cpu().numpy(), spread(ref, m))
+        close(z_q[torch.as_tensor(m, device=device)], mapped[ref], rtol=1e-5, atol=1e-5)
+        back = (zk - bm) * (std(cv) / std(bv)) + cm
+        size = g * size + (1 - g) * np.bincount(ref, minlength=K)
+        embed_sum = g * embed_sum + (1 - g) * per_code_sums(ref, back, K)
+        close(vq.cluster_size, size, rtol=1e-5)
+        close(vq.embed_sum, embed_sum, rtol=1e-4, atol=1e-5)
+    now = (f64(vq.codebook) - cm) * (std(bv) / std(cv)) + bm  # decoding: the codes after the update, mapped
+    close(vq.get_output_from_indices(idx)[idx >= 0], now[f64(idx[idx >= 0]).astype(int)], rtol=1e-5, atol=1e-5)
+
+
+def test_affine_statistics_wait_for_rows_and_for_training(device):
+    """A batch with no kept vector leaves the batch statistics (and before any, the map is the identity); eval
+    calls move nothing unless affine_eval_update, which moves the batch statistics only."""
+    vq = VectorQuantizer(5, 9, affine=True, backend="torch").to(device)
+    z = torch.randn(20, 5, device=device) + 4
+    codes = vq.codebook.detach().clone()
+    z_q, idx, _ = vq(z, torch.zeros(20, dtype=torch.bool, device=device))
+    assert not vq.affine_batch_initted and vq.affine_codebook_initted and (idx == -1).all()
+    assert torch.allclose(vq.get_output_from_indices(torch.arange(9, device=device)), codes, atol=1e-6)  # identity
+    vq.eval()
+    state = {k: v.clone() for k, v in vq.state_dict().items()}
+    vq(z)
+    assert all(torch.equal(v, vq.state_dict()[k]) for k, v in state.items())
+    vq.affine_eval_update = True
+    vq(z)
+    assert vq.affine_batch_initted
+    torch.testing.assert_close(vq.affine_batch_mean, z.mean(0))
+    assert torch.equal(vq.affine_codebook_mean, state["affine_codebook_mean"])
+
+
+def test_affine_heads_state_dict_and_casts(device):
+    """Separate codebooks keep statistics per head ([H, d]); they round-trip through a state_dict and stay
+    float32 under a cast."""
+    vq = VectorQuantizer(12, 7, heads=3, affine=True, backend="torch").to(device)
+    z = torch.randn(30, 12, device=device) * torch.arange(1, 13, device=device)
+    vq(z)
+    assert vq.affine_batch_mean.shape == (3, 4) and vq.affine_batch_initted.shape == (3,)
+    torch.testing.assert_close(vq.affine_batch_mean, z.mean(0).view(3, 4))
+    twin = VectorQuantizer(12, 7, heads=3, affine=True, backend="torch").to(device)
+    twin.load_state_dict(vq.state_dict())
+    x = torch.randn(8, 12, device=device)
+    vq.eval(), twin.eval()
+    assert torch.equal(vq(x)[0], twin(x)[0])
+    vq.to(torch.bfloat16)
+    assert all(getattr(vq, n).dtype == torch.float32 for n in ("affine_batch_mean", "affine_codebook_var"))
+
+
+# --- the in-place optimiser (in_place_optimizer) ------------------------------------------------------------
+
+
+def test_in_place_step_against_a_hand_step(device):
+    """One training call: the SGD step on the codebook loss of the first pass's codes, then the output from
+    the stepped codes; the breakdown reports the loss the step minimised."""
+    N, D, K, lr = 31, 5, 11, 0.6
+    vq = VectorQuantizer(D, K, in_place_optimizer=lambda p: torch.optim.SGD(p, lr=lr), backend="torch").to(device)
+    z = torch.randn(N, D, device=device)
+    mask = torch.rand(N, device=device) > 0.2
+    codes = f64(vq.codebook)
+    m = f64(mask).astype(bool)
+    zk = f64(z)[m]
+    ref = reference.nearest_code(zk, codes)
+    grad = per_code_sums(ref, 2 * (codes[ref] - zk), K) / zk.size
+    stepped = codes - lr * grad
+    z_q, idx, loss, parts = vq(z, mask, return_breakdown=True)
+    close(vq.codebook, stepped, rtol=1e-5, atol=1e-6)
+    close(parts.in_place_loss, np.mean((zk - codes[ref]) ** 2), rtol=1e-5)
+    ref2 = reference.nearest_code(zk, stepped)
+    np.testing.assert_array_equal(idx.cpu().numpy(), spread(ref2, m))
+    close(loss, np.mean((zk - stepped[ref2]) ** 2) * 1.25, rtol=1e-5)  # codebook + 0.25 commitment, the new codes
+    assert vq.codebook.grad is None
+
+
+def test_in_place_step_only_in_unfrozen_training_calls(device):
+    vq = VectorQuantizer(5, 9, in_place_optimizer=lambda p: torch.optim.SGD(p, lr=0.5), backend="torch").to(device)
+    z = torch.randn(20, 5, device=device)
+    codes = vq.codebook.detach().clone()
+    vq(z, freeze_codebook=True)
+    vq(z, topk=3)
+    vq.eval()
+    vq(z)
+    assert torch.equal(vq.codebook, codes) and vq.codebook.grad is None
+    vq.train()
+    with torch.no_grad():  # the in-place pass builds its own graph
+        vq(z)
+    assert not torch.equal(vq.codebook, codes)
+
+
+def test_in_place_step_skips_a_dropped_residual_level(device):
+    """A residual level that does not run this call takes no in-place step (its codebook stays)."""
+    from vqtriton.residual import ResidualVQ
+
+    rvq = ResidualVQ(5, 9, 3, in_place_optimizer=lambda p: torch.optim.SGD(p, lr=0.5), backend="torch").to(device)
+    books = [layer.codebook.detach().clone() for layer in rvq.layers]
+    _, idx, _ = rvq(torch.randn(20, 5, device=device), num_active=1)
+    assert (idx[:, 1:] == -1).all()
+    assert not torch.equal(rvq.layers[0].codebook, books[0])
+    assert all(torch.equal(rvq.layers[l].codebook, books[l]) for l in (1, 2))

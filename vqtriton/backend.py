@@ -54,6 +54,8 @@ def _triton_blocker(tensors) -> str | None:
 def choose(*tensors: torch.Tensor, backend: str | None = None) -> str:
     """``"triton"`` or ``"torch"`` for an op on ``tensors`` (see the module docstring)."""
     name = _requested(backend)
+    if name == "torch":  # runs anywhere: no need to ask what would stop the kernels (a per-call cost)
+        return name
     blocker = _triton_blocker(tensors)
     if name == "triton" and blocker is not None:
         raise RuntimeError(f"backend 'triton' was requested but cannot run: {blocker}")
@@ -64,10 +66,12 @@ def choose(*tensors: torch.Tensor, backend: str | None = None) -> str:
 
 @functools.cache
 def _triton_ops() -> SimpleNamespace:
-    from vqtriton.kernels import assign, gather, quantize, sqerr, stats
+    from vqtriton.kernels import assign, gather, lfq, quantize, residual, sample, sqerr, stats, topk
 
     return SimpleNamespace(
         assign_fwd=assign.assign_fwd,
+        topk_fwd=topk.topk_fwd,
+        sample_fwd=sample.sample_fwd,
         gather=gather.gather,
         scatter_add=gather.scatter_add,
         sqerr_rows=sqerr.sqerr_rows,
@@ -75,11 +79,20 @@ def _triton_ops() -> SimpleNamespace:
         sqerr_backward=sqerr.sqerr_backward,
         code_stats=stats.code_stats,
         quantize_backward=quantize.quantize_backward,
+        lfq_halves=lfq.lfq_halves,
+        lfq_halves_backward=lfq.lfq_halves_backward,
+        distribution_entropy=lfq.distribution_entropy,
+        distribution_entropy_grad=lfq.distribution_entropy_grad,
+        residual_assign_fwd=residual.residual_assign_fwd,
+        residual_backward=residual.residual_backward,
+        residual_stats=residual.residual_stats,
     )
 
 
+@functools.cache
 def ops(name: str):
-    """The launchers of a backend: ``vqtriton.torch_ops`` or the Triton kernels, same signatures."""
+    """The launchers of a backend: ``vqtriton.torch_ops`` or the Triton kernels, same signatures. (Cached:
+    every op call asks; an unknown name raises each time, never cached.)"""
     if name == "torch":
         from vqtriton import torch_ops
 

@@ -9,6 +9,7 @@ runs its torch backend on tiny shapes: that checks the machinery only. No CUDA q
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import gc
@@ -83,6 +84,28 @@ def eager_assign(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
 
 def cdist_assign(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     return torch.cdist(z, codebook).argmin(1)
+
+
+# k of the top-k benchmarks (a beam of 8), and the temperature of the sampling ones (vqp's default).
+TOPK, TEMPERATURE = 8, 1.0
+
+
+def eager_topk(z: torch.Tensor, codebook: torch.Tensor, k: int = TOPK) -> torch.Tensor:
+    """The N x K distance matrix in the addmm form, then topk (vqp's ``topk`` path, as users write it)."""
+    return torch.addmm(codebook.square().sum(1), z, codebook.T, alpha=-2.0).topk(k, dim=1, largest=False).indices
+
+
+def cdist_topk(z: torch.Tensor, codebook: torch.Tensor, k: int = TOPK) -> torch.Tensor:
+    return torch.cdist(z, codebook).topk(k, dim=1, largest=False).indices
+
+
+def eager_gumbel(z: torch.Tensor, codebook: torch.Tensor, temperature: float = TEMPERATURE) -> torch.Tensor:
+    """vqp's Gumbel-max sampling: logits ``-sqrt(max(d, 1e-8))`` over the N x K matrix, plus N x K noise
+    ``-log(-log(u))`` (logs clamped at 1e-20), argmax."""
+    d = torch.addmm(codebook.square().sum(1), z, codebook.T, alpha=-2.0).add_(z.square().sum(1, keepdim=True))
+    u = torch.rand_like(d)
+    noise = -torch.log(-torch.log(u.clamp_min(1e-20)).clamp_min(1e-20))
+    return (-d.clamp_min_(1e-8).sqrt_() / temperature + noise).argmax(1)
 
 
 def eager_sqerr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -187,6 +210,21 @@ PROVIDERS: dict[str, dict[str, Callable[[Inputs], Callable[[], Any]]]] = {
         "gemm-fp32": lambda x: _gemm(x, torch.float32),
         "gemm-bf16": lambda x: _gemm(x, torch.bfloat16),
     },
+    # The k nearest codes (forward), and against them the N x K matrix + topk.
+    "topk": {
+        "vqtriton": lambda x: functools.partial(vqt.assign, x.z, x.codebook, k=TOPK, backend=_backend(x)),
+        "vqtriton-bf16": lambda x: functools.partial(vqt.assign, x.z, x.codebook, precision="bf16", k=TOPK,
+                                                     backend=_backend(x)),
+        "addmm-topk-fp32": lambda x: _with_tf32(False, eager_topk, x.z, x.codebook),
+        "addmm-topk-tf32": lambda x: _with_tf32(True, eager_topk, x.z, x.codebook),
+        "cdist-topk": lambda x: _with_tf32(False, cdist_topk, x.z, x.codebook),
+    },
+    # One Gumbel-max draw per vector (forward): fused, against vqp's way over the N x K matrix.
+    "sample": {
+        "vqtriton": lambda x: functools.partial(vqt.sample_codes, x.z, x.codebook, TEMPERATURE, 0, backend=_backend(x)),
+        "eager-gumbel-fp32": lambda x: _with_tf32(False, eager_gumbel, x.z, x.codebook),
+        "eager-gumbel-tf32": lambda x: _with_tf32(True, eager_gumbel, x.z, x.codebook),
+    },
     "lookup": {
         "vqtriton": lambda x: functools.partial(vqt.lookup, x.idx, x.codebook, backend=_backend(x)),
         "eager": lambda x: functools.partial(F.embedding, x.idx, x.codebook),
@@ -226,6 +264,198 @@ PROVIDERS: dict[str, dict[str, Callable[[Inputs], Callable[[], Any]]]] = {
 }
 
 
+# --- per-call overhead: small batches, one thread (issue 19) -------------------------------------------
+
+# K = 256, D = 32 at one vector, a streaming chunk and a batch. Timed on one torch thread (one_thread).
+LATENCY_SHAPES = ((1, 256, 32), (64, 256, 32), (1024, 256, 32))
+EMA_DECAY = 0.8  # vqp's default decay
+# The latency ops' clock on the CPU: the calling thread's CPU time. With one torch thread all of a call's work
+# runs on it, so this is the call's cost, and other processes on a shared machine do not inflate it (a
+# wall-clock median of a millisecond call there includes the scheduler's slices for them).
+# Providers timed in turns share one heap: with glibc's default dynamic mmap / trim thresholds, what one
+# provider allocates and frees moves those thresholds for the other, so whether the other's ~1 MiB buffers
+# (N = 1024) are page-faulted in afresh each call depends on its neighbour (seen on the 2-core CPU: vqp's
+# N = 1024 eval took 1.5 ms next to one version of vqtriton and 3.1 ms next to another). For numbers that do
+# not depend on the neighbour, fix them: MALLOC_MMAP_THRESHOLD_=268435456 MALLOC_TRIM_THRESHOLD_=268435456.
+LATENCY_CLOCK = time.thread_time
+
+
+def _vq_pair(x: Inputs, ema: bool, vqp: bool, train: bool):
+    """Our VectorQuantizer or vqp's VectorQuantize with matching settings (learned codebook with
+    ``beta = commitment_weight = BETA``, or EMA with vqp's decay and weight 1; no rotation trick, no
+    dead codes, no k-means), in training or eval mode."""
+    d, k = x.dk
+    if vqp:
+        vq_cls = _import("vector_quantize_pytorch", "VectorQuantize")
+        settings = dict(decay=EMA_DECAY, commitment_weight=1.0) if ema else dict(
+            commitment_weight=BETA, learnable_codebook=True, ema_update=False
+        )
+        module = vq_cls(d, k, rotation_trick=False, **settings)
+    else:
+        settings = dict(ema_decay=EMA_DECAY, beta=1.0) if ema else dict(beta=BETA)
+        module = vqt.VectorQuantizer(d, k, backend=_backend(x), **settings)
+    return _layer(module.train(train), x, batched=vqp)
+
+
+def _host_launch(x: Inputs, launcher: bool):
+    """Triton's ``assign`` as launched: ``vqt.assign`` whole, or the launcher alone. Timed without the
+    device sync after the call (see HOST_ONLY_OPS), so on CUDA it is the host's time per launch."""
+    if not x.z.is_cuda:
+        raise Unavailable(
+            "the Triton path's host time per launch needs CUDA: under the interpreter the launch runs the kernel "
+            "itself, so its time is the kernel's, not the launch's"
+        )
+    if launcher:
+        from vqtriton.kernels.assign import assign_fwd
+
+        return functools.partial(assign_fwd, x.z.detach(), x.codebook.detach())
+    return functools.partial(vqt.assign, x.z, x.codebook, backend="triton")
+
+
+PROVIDERS.update({
+    f"latency-{mode}-{kind}": {
+        "vqtriton": lambda x, ema=kind == "ema", train=mode == "step": _vq_pair(x, ema, False, train),
+        "vqp": lambda x, ema=kind == "ema", train=mode == "step": _vq_pair(x, ema, True, train),
+    }
+    for mode in ("step", "eval")
+    for kind in ("learned", "ema")
+})
+PROVIDERS["latency-assign"] = {name: PROVIDERS["assign"][name] for name in ("vqtriton", "cdist")}
+PROVIDERS["latency-launch"] = {
+    "vqtriton": lambda x: _host_launch(x, launcher=False),
+    "launcher": lambda x: _host_launch(x, launcher=True),
+}
+LATENCY_OPS = tuple(op for op in PROVIDERS if op.startswith("latency-"))
+# Ops timed as a forward only (under no_grad), and ops timed without the device sync after the call.
+FORWARD_ONLY_OPS = ("assign", "latency-eval-learned", "latency-eval-ema", "latency-assign", "latency-launch")
+HOST_ONLY_OPS = ("latency-launch",)
+
+
+# --- residual VQ: every level in one launch (issue 19) ----------------------------------------------------
+
+RESIDUAL_LEVELS = 8  # a codec's 8 codebooks; level l's codes are the shape's codebook scaled by 0.5^l
+
+
+def _residual_books(x: Inputs) -> torch.Tensor:
+    """``[L, K, D]`` codebooks of shrinking scale, made outside the timed call."""
+    c = x.codebook.detach()
+    return torch.stack([c * 0.5**l for l in range(RESIDUAL_LEVELS)])
+
+
+def _level_loop(x: Inputs, search):
+    """The residual loop one level at a time, as ResidualVQ runs it without the fused op: ``search(r, c)``
+    per level (an ``assign`` launch, or torch's cdist + argmin), the gather and the residual update."""
+    books, z = _residual_books(x), x.z.detach()
+
+    def run():
+        r, z_q, idx = z, torch.zeros_like(z), []
+        for c in books:
+            i = search(r, c)
+            q = c[i]
+            r, z_q = r - q, z_q + q
+            idx.append(i)
+        return torch.stack(idx, -1), z_q
+
+    return run
+
+
+def _residual_fused(x: Inputs):
+    books = _residual_books(x)
+    return functools.partial(vqt.residual_assign, x.z.detach(), books, backend=_backend(x))
+
+
+PROVIDERS["residual"] = {
+    "vqtriton": _residual_fused,
+    "assign-loop": lambda x: _level_loop(x, functools.partial(vqt.assign, backend=_backend(x))),
+    "cdist-loop": lambda x: _with_tf32(False, _level_loop(x, cdist_assign)),
+}
+FORWARD_ONLY_OPS = (*FORWARD_ONLY_OPS, "residual")
+
+
+# --- LFQ: a training step with its entropy loss (issue 18) ------------------------------------------------
+
+# (N vectors, K = 2^d codes, d): the issue's two shapes; vqp's softmax at the second is [2048, 262144].
+LFQ_SHAPES = ((4096, 16384, 14), (2048, 262144, 18))
+# vqp's step holds about this many [N, K] float32 tensors at once (measured with benchmarks/lfq_memory.py:
+# 1.79 GiB at N = 4096, K = 2^14, and 1.72 GiB at N = 256, K = 2^18).
+_VQP_LFQ_TENSORS = 7
+# The most host memory a CPU run lets vqp's step take (the machine is shared): past it vqp is skipped.
+_VQP_CPU_BUDGET = 4 * 2**30
+
+
+def _lfq(x: Inputs, make, batched: bool = False):
+    """One LFQ training step (output and loss) of the module ``make(d, K)`` on ``z [N, d]``."""
+    d, k = x.dk
+    if k != 2**d:
+        raise Unavailable(f"an LFQ shape has K = 2^D codes, got K = {k} and D = {d}")
+    return _layer(make(d, k), x, batched)
+
+
+def _vqp_lfq(x: Inputs):
+    need = _VQP_LFQ_TENSORS * x.z.shape[0] * x.codebook.shape[0] * 4
+    if not x.z.is_cuda and need > _VQP_CPU_BUDGET:
+        raise Unavailable(f"vqp's step builds [N, K] softmaxes: about {need / 2**30:.0f} GiB here (over this run's "
+                          f"{_VQP_CPU_BUDGET / 2**30:.0f} GiB CPU budget)")
+    return _lfq(x, lambda d, k: _import("vector_quantize_pytorch", "LFQ")(dim=d, codebook_size=k), batched=True)
+
+
+PROVIDERS["lfq"] = {
+    # The native module's exact entropies.
+    "vqtriton": lambda x: _lfq(x, lambda d, k: vqt.LFQ(d, backend=_backend(x))),
+    "vqtriton-compiled": lambda x: _lfq(
+        x, lambda d, k: torch.compile(vqt.LFQ(d, backend=_backend(x)), fullgraph=True, dynamic=False)),
+    # The drop-in with vqp's defaults (its clamped entropies, exact): the pair to vqp's.
+    "vqtriton-compat": lambda x: _lfq(
+        x, lambda d, k: _import("vqtriton.compat", "LFQ")(dim=d, codebook_size=k, backend=_backend(x)), batched=True),
+    "vqp": _vqp_lfq,
+}
+# Ops with default shapes of their own.
+OP_SHAPES = {"lfq": LFQ_SHAPES}
+
+
+# --- residual VQ: a codec's training step, 8 levels (issue 17) -------------------------------------------
+
+# (N, K, D) of each level: EnCodec / DAC-sized (8 levels of 1024 codes).
+RVQ_SHAPES = ((16384, 1024, 128),)
+
+
+def _rvq(module, x: Inputs, batched: bool = False):
+    """One residual VQ training step (forward + backward) of ``module``; its per-level losses summed."""
+    step = _layer(module, x, batched)
+
+    def run():
+        z_q, idx, loss = step()
+        return z_q, idx, loss.sum()
+
+    return run
+
+
+def _rvq_kwargs(x: Inputs) -> dict:
+    return dict(dim=x.dk[0], codebook_size=x.dk[1], num_quantizers=RESIDUAL_LEVELS)
+
+
+PROVIDERS["rvq"] = {
+    # The native module with vqp's defaults' equivalent (EMA decay 0.8, rotation trick, every level's gradient).
+    "vqtriton": lambda x: _rvq(vqt.ResidualVQ(*x.dk, RESIDUAL_LEVELS, ema_decay=0.8, rotation_trick=True,
+                                              output_gradient="every", backend=_backend(x)), x),
+    "vqtriton-compat": lambda x: _rvq(_import("vqtriton.compat", "ResidualVQ")(**_rvq_kwargs(x), backend=_backend(x)), x,
+                                      batched=True),
+    "vqp": lambda x: _rvq(_import("vector_quantize_pytorch", "ResidualVQ")(**_rvq_kwargs(x)), x, batched=True),
+}
+OP_SHAPES["rvq"] = RVQ_SHAPES
+
+
+@contextlib.contextmanager
+def one_thread():
+    """torch on one intra-op thread while the block runs (per-call overhead, as issue 19 measured it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _backward(out, grad: torch.Tensor) -> None:
     """Backward from a forward's output: a VQ triple ``(z_q, idx, loss)``, a scalar or an [N, D] tensor."""
     if isinstance(out, tuple):
@@ -234,9 +464,10 @@ def _backward(out, grad: torch.Tensor) -> None:
         out.backward(None if out.dim() == 0 else grad)
 
 
-def timed_callable(make, x: Inputs, backward: bool) -> Callable[[], Any]:
-    """What is timed: the forward (+ backward), then a device sync; returns the forward's output.
-    Raises :class:`Unavailable` when the provider cannot run here."""
+def timed_callable(make, x: Inputs, backward: bool, device_sync: bool = True) -> Callable[[], Any]:
+    """What is timed: the forward (+ backward), then a device sync (unless ``device_sync`` is False: the
+    host's time only); returns the forward's output. Raises :class:`Unavailable` when the provider
+    cannot run here."""
     forward = make(x)
     leaves = [t for t in (x.z, x.codebook, x.other) if t.requires_grad]
 
@@ -247,7 +478,8 @@ def timed_callable(make, x: Inputs, backward: bool) -> Callable[[], Any]:
             out = forward()
             if backward:
                 _backward(out, x.grad)
-        sync()
+        if device_sync:
+            sync()
         return out
 
     return run
@@ -262,18 +494,31 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def time_ms(fn: Callable[[], Any], warmup: int = 3, reps: int = 20) -> float:
-    """Median wall time of ``fn()`` in ms, the device synchronised before and after each call."""
+def time_ms(fn: Callable[[], Any], warmup: int = 3, reps: int = 20, device_sync: bool = True) -> float:
+    """Median wall time of ``fn()`` in ms, the device synchronised before and (with ``device_sync``)
+    after each call: without it, the host's time only, the device work left queued outside the timer."""
+    return time_ms_interleaved({"fn": fn}, warmup, reps, device_sync)["fn"]
+
+
+def time_ms_interleaved(fns: dict[str, Callable[[], Any]], warmup: int = 3, reps: int = 20, device_sync: bool = True,
+                        clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """:func:`time_ms` of several callables, timed in turns (one call of each, ``reps`` times over), so that
+    the load of a shared machine falls on all of them alike and their ratios hold. ``clock``: wall time, or
+    ``time.thread_time`` (the calling thread's CPU time: what a call costs on one thread, without the time
+    the scheduler gives other processes)."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(reps):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            sync()
+            t0 = clock()
+            fn()
+            if device_sync:
+                sync()
+            times[name].append((clock() - t0) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def peak_mib(fn: Callable[[], Any]) -> float | None:
@@ -316,13 +561,34 @@ def mismatch_rate(indices: torch.Tensor, z: torch.Tensor, codebook: torch.Tensor
 # --- the comparison report ----------------------------------------------------------------------
 
 
-def _measure(op: str, name: str, x: Inputs, warmup: int, reps: int) -> dict:
+def _prepare(op: str, name: str, x: Inputs) -> tuple[dict, Callable[[], Any] | None]:
+    """A report row and the provider's timed callable (None when it cannot run here: the row says why)."""
     row = {"op": op, "provider": name, "median_ms": None, "peak_mib": None, "mismatch": None, "skipped": None}
     try:
-        run = timed_callable(PROVIDERS[op][name], x, backward=op != "assign")
+        run = timed_callable(
+            PROVIDERS[op][name], x, backward=op not in FORWARD_ONLY_OPS, device_sync=op not in HOST_ONLY_OPS
+        )
         row["peak_mib"] = peak_mib(run)  # the first call: compiles, warms up
     except (Unavailable, torch.OutOfMemoryError) as e:
         row["skipped"] = f"{type(e).__name__}: {e}"
+        return row, None
+    return row, run
+
+
+def _measure_latency(op: str, names: list[str], x: Inputs, warmup: int, reps: int) -> list[dict]:
+    """The rows of a latency op's providers at one shape: on one thread, timed in turns (same-run ratios
+    that hold on a shared machine). On the CPU the clock is the thread's CPU time (:data:`LATENCY_CLOCK`)."""
+    prepared = [_prepare(op, name, x) for name in names]
+    runs = {row["provider"]: run for row, run in prepared if run is not None}
+    clock = time.perf_counter if x.z.is_cuda else LATENCY_CLOCK
+    with one_thread():
+        medians = time_ms_interleaved(runs, warmup, reps, device_sync=op not in HOST_ONLY_OPS, clock=clock)
+    return [{**row, "median_ms": medians.get(row["provider"])} for row, _ in prepared]
+
+
+def _measure(op: str, name: str, x: Inputs, warmup: int, reps: int) -> dict:
+    row, run = _prepare(op, name, x)
+    if run is None:
         return row
     row["median_ms"] = time_ms(run, warmup, reps)
     out = run()
@@ -395,7 +661,7 @@ def format_report(report: dict) -> str:
     out.append(meta["note"])
     for op in dict.fromkeys(r["op"] for r in report["rows"]):
         rows = [r for r in report["rows"] if r["op"] == op]
-        mode = "forward" if op == "assign" else "forward + backward"
+        mode = "host time per call" if op in HOST_ONLY_OPS else "forward" if op in FORWARD_ONLY_OPS else "forward + backward"
         out.append(_table(f"\n{op} ({mode}): median ms (ratio to vqtriton; > 1: vqtriton is faster)", rows, _time_cell))
         for key, title, fmt in _EXTRA_TABLES:
             if any(r[key] is not None for r in rows):
@@ -410,9 +676,9 @@ def _plot(report: dict, path: Path) -> None:
     """Grouped bars of the median ms per shape and provider, one log-scale panel per op."""
     from matplotlib.figure import Figure  # no pyplot: no global backend state; saves through Agg
 
-    ops = list(dict.fromkeys(r["op"] for r in report["rows"]))
-    fig = Figure(figsize=(12, 3.6 * len(ops)), layout="constrained")
-    for ax, op in zip(fig.subplots(len(ops), 1, squeeze=False)[:, 0], ops):
+    ops = list(dict.fromkeys(r["op"] for r in report["rows"] if r["median_ms"]))  # an op with no timed row has no panel
+    fig = Figure(figsize=(12, 3.6 * max(1, len(ops))), layout="constrained")
+    for ax, op in zip(fig.subplots(max(1, len(ops)), 1, squeeze=False)[:, 0], ops):
         rows = [r for r in report["rows"] if r["op"] == op]
         names = list(dict.fromkeys(r["provider"] for r in rows))
         shapes = list(dict.fromkeys(shape_id(r["shape"]) for r in rows))
@@ -429,22 +695,31 @@ def _plot(report: dict, path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
-def run_report(device, shapes=None, out_dir=".", providers=None, *, warmup=None, reps=None) -> dict:
-    """Times every provider of :data:`REPORT_OPS` at every shape in one run, prints the tables, writes
+def run_report(device, shapes=None, out_dir=".", providers=None, *, warmup=None, reps=None, ops=None) -> dict:
+    """Times every provider of the ``ops`` (default :data:`REPORT_OPS`; ``"latency"`` stands for
+    :data:`LATENCY_OPS`) at every shape in one run, prints the tables, writes
     ``report.json`` and ``report.png`` into ``out_dir`` and returns the report:
     ``{"meta": {...}, "rows": [{op, provider, shape, median_ms, ratio, peak_mib, mismatch, skipped}]}``.
     ``providers`` (default: all) picks providers by name (``"vqtriton"``) or op and name (``"assign/cdist"``).
+    The latency ops run at :data:`LATENCY_SHAPES` unless ``shapes`` are given, on one torch thread.
     """
     device = torch.device(device)
     cuda = device.type == "cuda"
-    shapes = [tuple(s) for s in (shapes or default_shapes(device))]
+    ops = [o for op in (ops or REPORT_OPS) for o in (LATENCY_OPS if op == "latency" else (op,))]
+    unknown = [op for op in ops if op not in PROVIDERS]
+    if unknown:
+        raise ValueError(f"unknown ops {unknown}; the ops are {list(PROVIDERS)} and 'latency'")
     warmup = warmup if warmup is not None else (3 if cuda else 2)
     reps = reps if reps is not None else (20 if cuda else 5)
     rows = []
-    for op in REPORT_OPS:
-        for shape in shapes:
-            x = make_inputs(shape, device, requires_grad=op != "assign")
+    for op in ops:
+        default = LATENCY_SHAPES if op in LATENCY_OPS else OP_SHAPES.get(op) or default_shapes(device)
+        for shape in [tuple(s) for s in (shapes or default)]:
+            x = make_inputs(shape, device, requires_grad=op not in FORWARD_ONLY_OPS)
             names = [n for n in PROVIDERS[op] if providers is None or n in providers or f"{op}/{n}" in providers]
+            if op in LATENCY_OPS:
+                rows.extend({**row, "shape": list(shape)} for row in _measure_latency(op, names, x, warmup, reps))
+                continue
             for name in names:
                 rows.append({**_measure(op, name, x, warmup, reps), "shape": list(shape)})
                 if cuda:  # hand the memory back before the next provider

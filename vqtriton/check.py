@@ -1,4 +1,4 @@
-"""``vqtriton check``: every public op against the NumPy spec reference, on every backend here.
+"""``vqtriton check``: every public op against the NumPy references, on every backend here.
 
 Each row of the table is one op at one shape on one backend: the largest error against
 :mod:`vqtriton.reference` (float64), the fraction of indices equal to the reference's, and the
@@ -113,6 +113,39 @@ def _check_verify(vqt, z, c, backend, device):
     return 0.0, frac, ms, frac == 1.0
 
 
+def _check_topk(vqt, z, c, backend, device):
+    """``assign(k=...)``: each position's index and distance against the float64 k nearest."""
+    k = min(5, c.shape[0])
+    (idx, dist), ms = _timed(lambda: vqt.assign(z, c, k=k, return_distance=True, backend=backend))
+    ref = R.nearest_codes(_f64(z), _f64(c), k)
+    agree = float(np.mean(idx.cpu().numpy() == ref)) if ref.size else 1.0
+    d = R.squared_distances(_f64(z), _f64(c))
+    err = _rel_err(_f64(dist), np.take_along_axis(d, ref, -1)) if ref.size else 0.0
+    return err, agree, ms, agree == 1.0 and err <= RTOL
+
+
+def _check_residual_assign(vqt, z, c, backend, device):
+    """Three residual levels in one launch against the float64 residual loop (level l's codes: c / 2^l)."""
+    books = torch.stack([c * 0.5**l for l in range(3)])
+    r, ms = _timed(lambda: vqt.residual_assign(z, books, backend=backend))
+    idx, z_q, dist = R.residual_nearest(_f64(z), _f64(books))
+    agree = float(np.mean(r.indices.cpu().numpy() == idx)) if idx.size else 1.0
+    err = max(_rel_err(_f64(r.z_q), z_q), _rel_err(_f64(r.distances), dist)) if idx.size else 0.0
+    return err, agree, ms, agree == 1.0 and err <= RTOL
+
+
+def _check_lfq_entropy(vqt, z, c, backend, device):
+    """LFQ's per-sample and batch entropies over ``2^d`` sign codes (``d = min(D, 10)``), without the N x 2^d
+    softmax, against the float64 definitions (which build it)."""
+    x = z[:, : min(z.shape[1], 10)]
+    r, ms = _timed(lambda: vqt.lfq_entropy(4.0 * x, backend=backend))  # bit logits 4 tau m x, tau = m = 1
+    if not x.shape[0]:
+        return 0.0, 1.0, ms, bool((r.per_sample == 0) & (r.batch == 0))
+    want = (R.lfq_per_sample_entropy(_f64(x), 1.0, 1.0), R.lfq_batch_entropy(_f64(x), 1.0, 1.0))
+    err = max(_rel_err(_f64(r.per_sample), np.asarray(want[0])), _rel_err(_f64(r.batch), np.asarray(want[1])))
+    return err, 1.0, ms, err <= RTOL
+
+
 def _check_vqvae_loss(vqt, z, c, backend, device):
     """VQVAE.loss with linear encoder/decoder against reference.loss on the same model."""
     obs = z.shape[1] + 3
@@ -141,6 +174,9 @@ CHECKS = {
     "quantize": _check_quantize,
     "verify_assignment": _check_verify,
     "VQVAE.loss": _check_vqvae_loss,
+    "assign(k=5)": _check_topk,
+    "residual_assign(L=3)": _check_residual_assign,
+    "lfq_entropy": _check_lfq_entropy,
 }
 
 

@@ -14,6 +14,7 @@ import torch
 
 __all__ = [
     "float_tensor", "codebook", "latents", "indices", "index_range", "mask", "choice", "same_device", "integer", "real",
+    "generator",
 ]
 
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
@@ -116,3 +117,10 @@ def real(name: str, value, ok, requirement: str) -> float:
     if not (math.isfinite(value) and ok(value)):
         raise ValueError(f"{name} must be {requirement}, got {value}")
     return float(value)
+
+
+def generator(g):
+    """A ``torch.Generator`` or None (a layer's random draws: None means torch's global generator)."""
+    if g is not None and not isinstance(g, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(g).__name__}")
+    return g

@@ -47,24 +47,38 @@ def cmd_bench(args) -> int:
     if args.shapes:
         shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
     providers = args.providers.split(",") if args.providers else None
-    run_report(device, shapes, args.out, providers, reps=args.reps)
+    ops = args.ops.split(",") if args.ops else None
+    run_report(device, shapes, args.out, providers, reps=args.reps, ops=ops)
     return 0
 
 
 def cmd_demo(args) -> int:
+    from vqtriton.checkpoint import CheckpointError
     from vqtriton.demo import DemoConfig, train
 
     cfg = DemoConfig(
         steps=args.steps,
         codes=args.codes,
+        batch=args.batch,
         ema=args.ema,
         device=_device(args.device),
         backend=args.backend,
         out=args.out,
         resume=args.resume,
         seed=args.seed,
+        save_every=args.save_every,
+        deterministic=args.deterministic,
     )
-    m = train(cfg)
+    try:
+        m = train(cfg)
+    except CheckpointError as e:  # never a silent restart from step 0
+        raise SystemExit(f"vqtriton demo: {e}") from e
+    for tmp in m["removed_temp_files"]:
+        print(f"removed {tmp}, left by a checkpoint write that was interrupted")
+    if m["resumed_from"] is not None:
+        print(f"resumed from step {m['resumed_from']} of {m['checkpoint']}")
+    elif cfg.resume:
+        print(f"no checkpoint at {m['checkpoint']}: started at step 0")
     print(
         f"held-out digits: reconstruction error {m['reconstruction']:.4f} per pixel "
         f"(training batches: {m['first_reconstruction']:.4f} at the first step, {m['last_reconstruction']:.4f} at the last), "
@@ -90,17 +104,25 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--providers", default=None,
                    help="comma-separated providers, by name or op/name, e.g. layer/vqtriton-compat,layer/vqp (default: all)")
     b.add_argument("--reps", type=int, default=None, help="timed calls per provider (default: 20 on CUDA, 5 on the CPU)")
+    b.add_argument("--ops", default=None,
+                   help="comma-separated ops (default: assign,quantize,layer); 'latency': the per-call overhead "
+                        "ops at N = 1, 64, 1024 (K = 256, D = 32) on one thread")
     b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("demo", help="train a small VQ-VAE on scikit-learn's digits")
     d.add_argument("--steps", type=int, default=1500)
     d.add_argument("--codes", type=int, default=64)
+    d.add_argument("--batch", type=int, default=128, help="images per training step")
     d.add_argument("--ema", action="store_true", help="EMA codebook updates instead of a learned codebook")
     d.add_argument("--device", choices=["cpu", "cuda"], default=None)
     d.add_argument("--backend", choices=["torch", "triton"], default=None)
     d.add_argument("--out", default="vqtriton-demo")
-    d.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    d.add_argument("--resume", action="store_true",
+                   help="continue exactly from --out/checkpoint.pt (same settings; --steps, --save-every may change)")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--save-every", type=int, default=250, help="steps between checkpoints (and one at the end)")
+    d.add_argument("--deterministic", action="store_true",
+                   help="torch.use_deterministic_algorithms(True): bitwise reproducible on CUDA too")
     d.set_defaults(func=cmd_demo)
     return p
 

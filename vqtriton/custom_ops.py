@@ -26,8 +26,10 @@ import torch
 from torch import Tensor
 
 from vqtriton import checks
+from vqtriton.eager import call as _op  # torch.ops.vqtriton.<name>, without its dispatch in eager mode
 from vqtriton.backend import ops
 from vqtriton.torch_ops import acc_dtype as _acc  # the dtype of distances, sums and statistics
+from vqtriton.torch_ops import to_dtype as _to_dtype
 
 __all__ = [
     "assign",
@@ -46,16 +48,32 @@ __all__ = [
 
 
 @torch.library.custom_op("vqtriton::assign", mutates_args=())
-def assign(z: Tensor, codebook: Tensor, precision: str, backend: str) -> tuple[Tensor, Tensor]:
-    """Nearest code of each row of ``z [N, D]``: ``(idx int64 [N], dist [N])``."""
-    idx, dist, _ = ops(backend).assign_fwd(z, codebook, precision=precision)
+def assign(
+    z: Tensor,
+    codebook: Tensor,
+    precision: str,
+    backend: str,
+    k: int = 0,
+    temperature: float = 0.0,
+    seed: Tensor | None = None,
+    cosine: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Nearest code of each row of ``z [N, D]``: ``(idx int64 [N], dist [N])``. With ``k >= 1`` the k
+    nearest, nearest first (``[N, k]`` each); with ``temperature > 0`` instead one Gumbel-max draw per row,
+    keyed by ``seed`` (a 0-dim int64 tensor), with the L2 logits or, with ``cosine``, the cosine ones."""
+    if temperature > 0:
+        idx, dist, _ = ops(backend).sample_fwd(z, codebook, temperature, seed, cosine=cosine)
+    elif k > 0:
+        idx, dist = ops(backend).topk_fwd(z, codebook, k, precision=precision)
+    else:
+        idx, dist, _ = ops(backend).assign_fwd(z, codebook, precision=precision)
     return idx, dist
 
 
 @assign.register_fake
-def _(z, codebook, precision, backend):
-    n = z.shape[0]
-    return z.new_empty(n, dtype=torch.int64), z.new_empty(n, dtype=_acc(z, codebook))
+def _(z, codebook, precision, backend, k=0, temperature=0.0, seed=None, cosine=False):
+    shape = (z.shape[0], k) if k > 0 and not temperature > 0 else (z.shape[0],)
+    return z.new_empty(shape, dtype=torch.int64), z.new_empty(shape, dtype=_acc(z, codebook))
 
 
 # --- quantize ----------------------------------------------------------------------------------------
@@ -63,25 +81,37 @@ def _(z, codebook, precision, backend):
 
 @torch.library.custom_op("vqtriton::quantize", mutates_args=())
 def quantize(
-    z: Tensor, codebook: Tensor, precision: str, backend: str, deterministic: bool, rotation_trick: bool
+    z: Tensor,
+    codebook: Tensor,
+    precision: str,
+    backend: str,
+    deterministic: bool,
+    rotation_trick: bool,
+    temperature: float = 0.0,
+    seed: Tensor | None = None,
+    cosine: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(z_q [N, D], idx [N], dist_codebook [N], dist_commitment [N])``: one assign launch whose
     epilogue writes ``z_q = codebook[idx]``, in the wider of the two dtypes (so it holds the codes
     exactly: the backward reads them from it); the distance copies have the same values and different
-    gradients. ``rotation_trick``: z_q's gradient reaches z rotated (``quantize_backward``)."""
-    idx, dist, z_q = ops(backend).assign_fwd(z, codebook, precision=precision, return_zq=True)
-    return z_q.to(torch.promote_types(z.dtype, codebook.dtype)), idx, dist, dist.clone()
+    gradients. ``rotation_trick``: z_q's gradient reaches z rotated (``quantize_backward``). With
+    ``temperature > 0`` the codes are Gumbel-max draws (as ``assign``'s), the rest unchanged."""
+    if temperature > 0:
+        idx, dist, z_q = ops(backend).sample_fwd(z, codebook, temperature, seed, cosine=cosine, return_zq=True)
+    else:
+        idx, dist, z_q = ops(backend).assign_fwd(z, codebook, precision=precision, return_zq=True)
+    return _to_dtype(z_q, torch.promote_types(z.dtype, codebook.dtype)), idx, dist, dist.clone()
 
 
 @quantize.register_fake
-def _(z, codebook, precision, backend, deterministic, rotation_trick):
+def _(z, codebook, precision, backend, deterministic, rotation_trick, temperature=0.0, seed=None, cosine=False):
     n, dt = z.shape[0], _acc(z, codebook)
     z_q = z.new_empty(z.shape, dtype=torch.promote_types(z.dtype, codebook.dtype))
     return z_q, z.new_empty(n, dtype=torch.int64), z.new_empty(n, dtype=dt), z.new_empty(n, dtype=dt)
 
 
 def _quantize_setup(ctx, inputs, output):
-    z, codebook, _, backend, deterministic, rotation_trick = inputs
+    z, codebook, _, backend, deterministic, rotation_trick = inputs[:6]
     z_q, idx = output[:2]
     # The codes this step used, not the codebook: an EMA step rewrites the codebook in place afterwards.
     ctx.save_for_backward(z, z_q, idx)
@@ -92,10 +122,11 @@ def _quantize_grad(ctx, g_zq, _g_idx, g_codebook, g_commitment):
     backend, deterministic, rotation_trick, num_codes, dtype = ctx.meta
     z, z_q, idx = ctx.saved_tensors
     need_z, need_codebook = ctx.needs_input_grad[:2]
-    dz, dcodebook = torch.ops.vqtriton.quantize_backward(
-        z, z_q, idx, g_zq, g_commitment, g_codebook, num_codes, need_codebook, deterministic, rotation_trick, backend
+    dz, dcodebook = _op(
+        "quantize_backward",
+        z, z_q, idx, g_zq, g_commitment, g_codebook, num_codes, need_codebook, deterministic, rotation_trick, backend,
     )
-    return dz if need_z else None, dcodebook.to(dtype) if need_codebook else None, None, None, None, None
+    return (dz if need_z else None, dcodebook.to(dtype) if need_codebook else None) + (None,) * 7
 
 
 torch.library.register_autograd("vqtriton::quantize", _quantize_grad, setup_context=_quantize_setup)
@@ -160,7 +191,7 @@ def _lookup_grad(ctx, grad):
     if not ctx.needs_input_grad[1]:
         return None, None, None, None
     (idx,) = ctx.saved_tensors
-    dcodebook = torch.ops.vqtriton.scatter_add(idx, grad, num_codes, deterministic, backend)
+    dcodebook = _op("scatter_add", idx, grad, num_codes, deterministic, backend)
     return None, dcodebook.to(dtype), None, None
 
 
@@ -210,7 +241,7 @@ def _squared_error_grad(ctx, grad):
         grad = grad / a.numel()
     need_a, need_b = ctx.needs_input_grad[:2]
     same = a.dtype == b.dtype
-    backward = torch.ops.vqtriton.sqerr_backward
+    backward = lambda *args: _op("sqerr_backward", *args)  # noqa: E731
     grad_a = backward(a, b, grad, backend) if need_a or (need_b and same) else None
     grad_b = None
     if need_b:

@@ -4,20 +4,42 @@ The 1,797 8x8 digit images ship inside scikit-learn (no download). The encoder m
 4x4 grid of D-dim latents, the VectorQuantizer (channel-first) snaps each to one of K codes, the
 decoder reconstructs the image. Training shows a progress bar; the end prints held-out
 reconstruction error, perplexity and codebook usage and writes ``reconstructions.png`` and
-``training.png``. A checkpoint is written atomically; ``--resume`` continues from it.
+``training.png``.
+
+Every ``save_every`` steps and at the end, ``checkpoint.pt`` is written atomically
+(:func:`vqtriton.checkpoint.save`) with everything the next step depends on: the model's weights and
+buffers, Adam's state, the batch sampler's generator, torch's (and Python's and NumPy's) RNG states, the
+step and the history. ``--resume`` restores all of it, so a run killed at any point and resumed ends
+bitwise equal to the run that never stopped (on the CPU; on CUDA with ``--deterministic``). A damaged
+checkpoint, or one another configuration wrote, stops the run with an error naming the file.
+
+Test-only fault injection: ``VQTRITON_DEMO_FAULT=step:N:PHASE`` SIGKILLs the process during step ``N``
+(0-based) after its ``forward``, ``backward`` or ``update`` (the optimizer step);
+``VQTRITON_DEMO_FAULT=save:N:PHASE`` SIGKILLs it while writing the checkpoint of step ``N``: once the temp
+file holds ``partial`` bytes, once it is ``written`` (complete, fsync-ed, not yet renamed), or once it is
+``renamed`` (before the folder's fsync). ``tests/test_resume.py`` uses it to land kills exactly there.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import random
+import signal
+import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
+from vqtriton import checkpoint, checks
+
 CHECKPOINT = "checkpoint.pt"
 SAVE_EVERY = 250
+HISTORY_EVERY = 10  # the history records every 10th step and the last one
+FAULT_ENV = "VQTRITON_DEMO_FAULT"  # test-only: see the module docstring
+FAULT_PHASES = {"step": ("forward", "backward", "update"), "save": ("partial", "written", "renamed")}
 
 
 @dataclass
@@ -34,6 +56,13 @@ class DemoConfig:
     resume: bool = False
     seed: int = 0
     progress: bool = True
+    save_every: int = SAVE_EVERY
+    deterministic: bool = False
+
+
+# The settings a resumed run must share with the run that wrote the checkpoint (all but the step count,
+# the folder, how often it saves and whether it shows a progress bar).
+RUN_SETTINGS = ("codes", "dim", "batch", "lr", "ema", "device", "backend", "seed", "deterministic")
 
 
 def load_digits(device: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,17 +110,6 @@ def step_losses(model, x: torch.Tensor):
     return recon, vq_loss, info
 
 
-def save_atomic(state: dict, path: str) -> None:
-    """Write a checkpoint whole or not at all: a temp file beside it, then an atomic rename."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def evaluate(model, held: torch.Tensor) -> dict:
     model.eval()
     with torch.no_grad():
@@ -136,47 +154,141 @@ def plot(model, held: torch.Tensor, history: dict, out: str) -> None:
     plt.close(fig)
 
 
+def _fault_plan() -> tuple[str, int, str] | None:
+    """The test-only fault of ``VQTRITON_DEMO_FAULT`` (see the module docstring), or None."""
+    spec = os.environ.get(FAULT_ENV, "")
+    if not spec:
+        return None
+    parts = spec.split(":")
+    known = len(parts) == 3 and parts[0] in FAULT_PHASES and parts[2] in FAULT_PHASES[parts[0]]
+    if not (known and parts[1].isdigit()):
+        options = "; ".join(f"{kind}:N:{'|'.join(phases)}" for kind, phases in FAULT_PHASES.items())
+        raise ValueError(f"{FAULT_ENV} must be one of {options}, got {spec!r}")
+    return parts[0], int(parts[1]), parts[2]
+
+
+def _die_at(fault, kind: str, n: int, phase: str) -> None:
+    """SIGKILL this process if ``fault`` names this point: the death a preempted job dies, with no cleanup."""
+    if fault == (kind, n, phase):
+        os.kill(os.getpid(), signal.SIGKILL)
+        os._exit(137)  # not reached where SIGKILL exists
+
+
+def _run_settings(cfg: DemoConfig) -> dict:
+    return {name: getattr(cfg, name) for name in RUN_SETTINGS}
+
+
+def _resume(path: str, cfg: DemoConfig, model, opt, batches: torch.Generator) -> tuple[dict, int]:
+    """Load the checkpoint at ``path`` into the model, optimizer and every RNG; the history and the step."""
+    state = checkpoint.load(path, map_location=cfg.device)
+    missing = {"model", "optimizer", "history", "step", "rng", "settings"} - set(state)
+    if missing:
+        raise checkpoint.CheckpointError(f"checkpoint {path} has no {sorted(missing)}: it was not written by this demo")
+    saved, mine = state["settings"], _run_settings(cfg)
+    if saved != mine:
+        diff = ", ".join(f"{k}={saved.get(k)!r} (now {mine[k]!r})" for k in mine if saved.get(k) != mine[k])
+        raise checkpoint.CheckpointError(
+            f"checkpoint {path} was written by a run with other settings: {diff}; resume with the same settings "
+            "(only --steps and --save-every may change) or use another --out"
+        )
+    step = int(state["step"])
+    if step > cfg.steps:
+        raise checkpoint.CheckpointError(f"checkpoint {path} is at step {step}, past --steps {cfg.steps}")
+    threads = state.get("cpu_threads")
+    if cfg.device == "cpu" and threads != torch.get_num_threads():
+        # Measured: 39 of the demo's 53 model and optimizer tensors differ after 200 steps on 1 or 2 threads.
+        warnings.warn(
+            f"checkpoint {path} was written by a process with {threads} CPU threads, this one has "
+            f"{torch.get_num_threads()}: CPU kernels split their sums by thread, so the resumed run will not be "
+            f"bitwise the run that never stopped (set OMP_NUM_THREADS={threads} for that)",
+            stacklevel=3,
+        )
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    checkpoint.set_rng_state(state["rng"], {"batches": batches})
+    history = state["history"]
+    # The previous run's last step was recorded only because that run ended there: the run that never
+    # stopped has no such entry.
+    if step < cfg.steps and history["step"] and history["step"][-1] == step - 1 and (step - 1) % HISTORY_EVERY:
+        history = {k: v[:-1] for k, v in history.items()}
+    return history, step
+
+
 def train(cfg: DemoConfig) -> dict:
-    """Train (or resume) and return the held-out metrics, first/last losses and the paths written."""
+    """Train (or resume) and return the held-out metrics, first/last losses and the paths written.
+
+    Resumed from its checkpoint (``cfg.resume``), a run continues exactly: it ends with the weights, the
+    optimizer state and the history of the run that never stopped (bitwise, on the CPU; on CUDA with
+    ``cfg.deterministic``). A checkpoint that cannot be trusted, or that another configuration wrote,
+    raises :class:`vqtriton.checkpoint.CheckpointError`; with ``cfg.resume`` and no checkpoint, the run
+    starts at step 0.
+    """
     from tqdm import tqdm
 
+    for name in ("steps", "batch", "save_every"):
+        checks.integer(name, getattr(cfg, name), 1)
+    fault = _fault_plan()
     os.makedirs(cfg.out, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    train_x, held = load_digits(cfg.device, cfg.seed)
-    model = build_model(cfg)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    history = {k: [] for k in ("step", "reconstruction", "codebook", "commitment", "perplexity")}
-    start = 0
     ckpt_path = os.path.join(cfg.out, CHECKPOINT)
-    if cfg.resume and os.path.exists(ckpt_path):
-        state = torch.load(ckpt_path, map_location=cfg.device, weights_only=True)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        history, start = state["history"], int(state["step"])
-    gen = torch.Generator(device="cpu").manual_seed(cfg.seed + start)
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not cfg.progress, desc="demo")
-    for step in bar:
-        batch = train_x[torch.randint(0, len(train_x), (cfg.batch,), generator=gen).to(cfg.device)]
-        recon, vq_loss, info = step_losses(model, batch)
-        opt.zero_grad(set_to_none=True)
-        (recon + vq_loss).backward()
-        opt.step()
-        if step % 10 == 0 or step == cfg.steps - 1:
-            history["step"].append(step)
-            history["reconstruction"].append(recon.item())
-            history["codebook"].append(info.codebook_loss.item())
-            history["commitment"].append(info.commitment_loss.item())
-            history["perplexity"].append(info.perplexity.item())
-            bar.set_postfix(loss=f"{recon.item():.4f}", usage=f"{info.usage.item():.2f}")
-        if (step + 1) % SAVE_EVERY == 0 or step == cfg.steps - 1:
-            state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "history": history, "step": step + 1}
-            save_atomic(state, ckpt_path)
-    metrics = evaluate(model, held)
-    plot(model, held, history, cfg.out)
+    removed = checkpoint.remove_stale_temp_files(ckpt_path)  # what killed saves left: never read
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    if cfg.deterministic:
+        if cfg.device.startswith("cuda"):  # cuBLAS is deterministic only with a fixed workspace
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    try:
+        torch.manual_seed(cfg.seed)  # Python's and NumPy's too: the checkpoint holds all three
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        train_x, held = load_digits(cfg.device, cfg.seed)
+        model = build_model(cfg)
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        batches = torch.Generator(device="cpu").manual_seed(cfg.seed)
+        history = {k: [] for k in ("step", "reconstruction", "codebook", "commitment", "perplexity")}
+        start, resumed = 0, cfg.resume and os.path.exists(ckpt_path)
+        if resumed:
+            history, start = _resume(ckpt_path, cfg, model, opt, batches)
+        bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not cfg.progress, desc="demo")
+        for step in bar:
+            batch = train_x[torch.randint(0, len(train_x), (cfg.batch,), generator=batches).to(cfg.device)]
+            recon, vq_loss, info = step_losses(model, batch)
+            _die_at(fault, "step", step, "forward")
+            opt.zero_grad(set_to_none=True)
+            (recon + vq_loss).backward()
+            _die_at(fault, "step", step, "backward")
+            opt.step()
+            _die_at(fault, "step", step, "update")
+            if step % HISTORY_EVERY == 0 or step == cfg.steps - 1:
+                history["step"].append(step)
+                history["reconstruction"].append(recon.item())
+                history["codebook"].append(info.codebook_loss.item())
+                history["commitment"].append(info.commitment_loss.item())
+                history["perplexity"].append(info.perplexity.item())
+                bar.set_postfix(loss=f"{recon.item():.4f}", usage=f"{info.usage.item():.2f}")
+            if (step + 1) % cfg.save_every == 0 or step == cfg.steps - 1:
+                # Everything the next step depends on: weights and buffers (EMA statistics, initted),
+                # Adam's moments and step counts, the batch sampler's and every global RNG's state.
+                state = {
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "rng": checkpoint.rng_state({"batches": batches}),
+                    "history": history,
+                    "step": step + 1,
+                    "settings": _run_settings(cfg),
+                    "cpu_threads": torch.get_num_threads(),
+                }
+                hook = None if fault is None else (lambda phase, n=step + 1: _die_at(fault, "save", n, phase))
+                checkpoint.save(state, ckpt_path, _hook=hook)
+        metrics = evaluate(model, held)
+        plot(model, held, history, cfg.out)
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
     metrics.update(
         first_reconstruction=history["reconstruction"][0] if history["reconstruction"] else math.nan,
         last_reconstruction=history["reconstruction"][-1] if history["reconstruction"] else math.nan,
         steps=cfg.steps,
+        resumed_from=start if resumed else None,
+        removed_temp_files=removed,
         checkpoint=ckpt_path,
         reconstructions=os.path.join(cfg.out, "reconstructions.png"),
         training=os.path.join(cfg.out, "training.png"),

@@ -1,4 +1,5 @@
-"""The public ops: ``assign``, ``lookup``, ``squared_error``, ``quantize``, ``verify_assignment``.
+"""The public ops: ``assign`` (and its top-k), ``sample_codes``, ``lookup``, ``squared_error``, ``quantize``,
+``verify_assignment``.
 
 Each checks its inputs (see :mod:`vqtriton.checks`), flattens leading dims to rows ``[N, D]``,
 picks the backend (:mod:`vqtriton.backend`) and calls the autograd Function or launcher.
@@ -14,10 +15,12 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from vqtriton import backend as _backend
 from vqtriton import checks, custom_ops  # noqa: F401  (custom_ops registers torch.ops.vqtriton)
+from vqtriton.eager import call as _op  # torch.ops.vqtriton.<name>, without its dispatch in eager mode
 from vqtriton.backend import choose
 
-__all__ = ["assign", "lookup", "squared_error", "quantize", "verify_assignment", "QuantizeResult"]
+__all__ = ["assign", "sample_codes", "lookup", "squared_error", "quantize", "verify_assignment", "QuantizeResult"]
 
 METRICS = ("l2", "cosine")
 PRECISIONS = ("exact", "tf32", "bf16")
@@ -65,6 +68,7 @@ def assign(
     precision: str = "exact",
     return_distance: bool = False,
     *,
+    k: int | None = None,
     backend: str | None = None,
 ):
     """Index of the nearest code for every vector of ``z [..., D]``: int64 ``[...]``, no gradient.
@@ -74,16 +78,108 @@ def assign(
     that guarantee for tensor-core speed on a GPU. ``metric="cosine"`` compares l2-normalised
     vectors. With ``return_distance`` also returns the squared distance to the chosen code
     (float32; ``2 - 2 cos`` for cosine). Vectors holding a NaN or Inf get index -1, distance NaN/Inf.
+
+    ``k`` (an int in ``[1, K]``): the k nearest codes instead, nearest first, ``[..., k]`` (and distances
+    ``[..., k]``). In exact mode the code at position j is within ``(1 + 2^-16)`` of the true j-th
+    smallest distance, and among equal distances the lowest index comes first; a slot without a finite
+    distance (fewer than k finite codes; every slot of a NaN/Inf vector) gets -1 and distance +Inf, or
+    NaN where ``k=None`` would give NaN. The Triton kernel serves k <= 64; above, the PyTorch path runs
+    (a forced ``backend="triton"`` raises).
     """
     checks.codebook(codebook)
     checks.latents(z, codebook)
     checks.choice("metric", metric, METRICS)
     checks.choice("precision", precision, PRECISIONS)
+    top = 0 if k is None else _top_k(k, codebook.shape[0])
+    # Detached inputs: nothing below records a graph (no no_grad context needed, a cost per call).
+    zr, c = z.detach(), codebook.detach()
+    zr = zr if zr.dim() == 2 else _rows(zr)
+    if metric == "cosine":
+        zr, c = unit(zr), unit(c)
+    name = choose(zr, c, backend=backend)
+    if top and name == "triton":
+        name = _topk_backend(top, backend)
+    idx, dist = _op("assign", zr, c, precision, name, top)
+    shape = z.shape[:-1] + ((top,) if top else ())
+    if idx.shape != shape:
+        idx, dist = idx.reshape(shape), dist.reshape(shape)
+    return (idx, dist) if return_distance else idx
+
+
+def _top_k(k, num_codes: int) -> int:
+    k = checks.integer("k", k, 1)
+    if k > num_codes:
+        raise ValueError(f"k must be <= K = {num_codes} (the codebook's number of codes), got k = {k}")
+    return k
+
+
+def _topk_backend(k: int, backend: str | None) -> str:
+    """The backend of a top-k assignment the Triton backend was chosen for: the kernel serves k <= its
+    MAX_K; above, the PyTorch path, unless Triton was asked for by name."""
+    from vqtriton.kernels.topk import MAX_K
+
+    if k <= MAX_K:
+        return "triton"
+    if _backend._requested(backend) == "triton":
+        raise RuntimeError(f"backend 'triton' was requested but cannot run: the top-k kernel serves k <= {MAX_K}, "
+                           f"got k = {k}")
+    return "torch"
+
+
+def _seed(seed, device: torch.device) -> torch.Tensor:
+    """The sampling seed as a 0-dim int64 tensor on ``device``: a Python int in int64's range, or a
+    0-dim integer tensor on that device (converted there: its value is never read on the host)."""
+    if isinstance(seed, torch.Tensor):
+        if seed.is_floating_point() or seed.is_complex() or seed.dtype == torch.bool:
+            raise TypeError(f"seed must be an int or a 0-dim integer tensor, got a {seed.dtype} tensor")
+        if seed.dim() != 0:
+            raise ValueError(f"seed must be a 0-dim tensor, got shape {tuple(seed.shape)}")
+        if seed.device != torch.device(device):
+            raise ValueError(f"tensors must be on one device, got seed on {seed.device}, z on {device}")
+        return seed.to(torch.int64)
+    seed = checks.integer("seed", seed)
+    if not -(2**63) <= seed < 2**63:
+        raise ValueError(f"seed must fit int64, [-2^63, 2^63), got {seed}")
+    return torch.full((), seed, dtype=torch.int64, device=device)
+
+
+def sample_codes(
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    temperature: float,
+    seed,
+    *,
+    metric: str = "l2",
+    return_distance: bool = False,
+    backend: str | None = None,
+):
+    """One code per vector of ``z [..., D]``, drawn with probability ``softmax_k(logit_k / temperature)``:
+    int64 ``[...]``, no gradient (vector-quantize-pytorch's ``stochastic_sample_codes``).
+
+    ``logit_k = -sqrt(max(d_k, 1e-8))``, ``d_k`` the squared L2 distance (vqp's ``-cdist``), or for
+    ``metric="cosine"`` the cosine similarity of the l2-normalised vectors. Gumbel-max, fused into the
+    assignment: ``argmax_k logit_k / temperature + g[row, k]``, the Gumbel noise g from a counter-based
+    generator (Philox4x32-10) keyed by (seed, row, code), rows counted over ``z``'s leading dims in
+    order. So a seed reproduces a draw on both backends and whatever the launch configuration, and no
+    N x K tensor (of logits or noise) is ever made. Use a new seed per step (and per level of a
+    residual quantizer): equal seeds give equal noise.
+
+    ``temperature``: a finite float > 0 (towards 0: the nearest code). ``seed``: a Python int (int64's
+    range) or a 0-dim integer tensor on ``z``'s device, never read on the host (a compiled step can draw
+    it with ``torch.randint``). With ``return_distance`` also the squared distance to the drawn code
+    (float32; ``2 - 2 cos`` for cosine). Vectors holding a NaN or Inf get index -1, distance NaN/Inf.
+    """
+    checks.codebook(codebook)
+    checks.latents(z, codebook)
+    checks.choice("metric", metric, METRICS)
+    temperature = checks.real("temperature", temperature, lambda v: v > 0, "> 0")
+    seed = _seed(seed, z.device)
     with torch.no_grad():
         zr, c = _rows(z.detach()), codebook.detach()
         if metric == "cosine":
             zr, c = unit(zr), unit(c)
-        idx, dist = torch.ops.vqtriton.assign(zr, c, precision, choose(zr, c, backend=backend))
+        name = choose(zr, c, backend=backend)
+        idx, dist = _op("assign", zr, c, "exact", name, 0, temperature, seed, metric == "cosine")
     idx = idx.reshape(z.shape[:-1])
     return (idx, dist.reshape(z.shape[:-1])) if return_distance else idx
 
@@ -103,7 +199,7 @@ def lookup(
     checks.codebook(codebook)
     idx = checks.indices(indices, device=codebook.device)  # the values: in the op, before its launch
     name = choose(codebook, backend=backend)
-    out = torch.ops.vqtriton.lookup(idx.reshape(-1), codebook, name, deterministic_mode(deterministic))
+    out = _op("lookup", idx.reshape(-1), codebook, name, deterministic_mode(deterministic))
     return out.reshape(*idx.shape, codebook.shape[1])
 
 
@@ -126,7 +222,7 @@ def squared_error(
     ar, br = (_rows(a), _rows(b)) if a.dim() else (a.reshape(1, 1), b.reshape(1, 1))
     # Contiguous rows: the launchers take any row stride, but the torch path's reductions would add in
     # a layout-dependent order; this way a strided view gets the bits of its contiguous copy.
-    out = torch.ops.vqtriton.squared_error(ar.contiguous(), br.contiguous(), reduction, choose(ar, br, backend=backend))
+    out = _op("squared_error", ar.contiguous(), br.contiguous(), reduction, choose(ar, br, backend=backend))
     return out.reshape(lead) if reduction == "none" else out
 
 
@@ -141,6 +237,9 @@ def quantize(
     precision: str = "exact",
     backend: str | None = None,
     deterministic: bool | None = None,
+    temperature: float = 0.0,
+    seed=None,
+    sample_metric: str = "l2",
 ) -> QuantizeResult:
     """The fused VQ step on ``z [..., D]``: nearest codes, straight-through output and both VQ losses.
 
@@ -158,6 +257,11 @@ def quantize(
     reaching it passes to ``z`` rotated by the rotation taking ``z``'s direction to ``z_q``'s and
     scaled by ``|z_q| / |z|`` (both held constant; norms clamped at 1e-6, as vector-quantize-pytorch
     does), instead of unchanged. The losses' gradients do not change.
+
+    ``temperature > 0``: the codes are drawn as ``sample_codes`` draws them (``seed`` required;
+    ``precision`` does not apply), with the logits of ``sample_metric``: ``"l2"`` (``-sqrt(d)``) or
+    ``"cosine"`` (``1 - d / 2``: the cosine similarity, for l2-normalised ``z`` and codes, as the layer
+    passes them); ``z_q``, the losses and the backward are as above for the drawn codes.
     """
     checks.codebook(codebook)
     checks.latents(z, codebook)
@@ -165,31 +269,48 @@ def quantize(
     checks.choice("precision", precision, PRECISIONS)
     beta = checks.real("beta", beta, lambda v: v >= 0, ">= 0")
     checks.choice("rotation_trick", rotation_trick, (False, True))
-    zr = _rows(z).contiguous()  # bitwise layout-independence, as in squared_error
+    temperature = checks.real("temperature", temperature, lambda v: v >= 0, ">= 0")
+    checks.choice("sample_metric", sample_metric, METRICS)
+    if temperature > 0 and seed is None:
+        raise ValueError("seed is required when temperature > 0 (an int or a 0-dim integer tensor)")
+    seed = None if seed is None else _seed(seed, z.device)
     keep = None
     if mask is not None:
         keep = checks.mask(mask, z.shape[:-1], z.device, f"z's shape without the last dim, {tuple(z.shape[:-1])}")
+    z_q, idx, codebook_loss, commitment_loss, count = quantize_sums(
+        z, codebook, keep, precision, backend, deterministic, bool(rotation_trick), temperature, seed, sample_metric)
+    if reduction == "mean":  # the mean over no elements is NaN, as in torch.nn.functional.mse_loss
+        codebook_loss, commitment_loss = codebook_loss / count, commitment_loss / count
+    return QuantizeResult(z_q, idx, codebook_loss, commitment_loss, codebook_loss + beta * commitment_loss)
+
+
+def quantize_sums(z: torch.Tensor, codebook: torch.Tensor, keep: torch.Tensor | None, precision: str,
+                  backend: str | None, deterministic: bool | None, rotation_trick: bool, temperature: float,
+                  seed: torch.Tensor | None, sample_metric: str):
+    """``quantize``'s work on checked arguments (a bool ``keep`` of ``z.shape[:-1]`` or None, ``seed`` a tensor
+    or None): ``(z_q, indices, codebook_sum, commitment_sum, count)``, the two terms summed over the kept
+    vectors and ``count`` their number of elements (an int, or a 0-dim tensor with a mask). For callers that
+    checked their settings once (``VectorQuantizer``): no per-call check of what cannot have changed."""
+    zr = z if z.dim() == 2 else _rows(z)
+    zr = zr.contiguous()  # bitwise layout-independence, as in squared_error
+    if keep is not None:
         keep = keep.reshape(-1, 1)
         zr = torch.where(keep, zr, 0)  # finite stand-ins, cut off from z's gradient
     name = choose(zr, codebook, backend=backend)
-    z_q, idx, d_codebook, d_commitment = torch.ops.vqtriton.quantize(
-        zr, codebook.contiguous(), precision, name, deterministic_mode(deterministic), bool(rotation_trick)
+    z_q, idx, d_codebook, d_commitment = _op(
+        "quantize", zr, codebook.contiguous(), precision, name, deterministic_mode(deterministic), rotation_trick,
+        temperature, seed if temperature > 0 else None, sample_metric == "cosine",
     )
-    z_q, count = z_q.to(z.dtype), zr.numel()
+    if z_q.dtype != z.dtype:
+        z_q = z_q.to(z.dtype)
+    count = zr.numel()
     if keep is not None:
         z_q, idx = torch.where(keep, z_q, 0), torch.where(keep[:, 0], idx, -1)
         d_codebook, d_commitment = torch.where(keep[:, 0], d_codebook, 0), torch.where(keep[:, 0], d_commitment, 0)
         count = keep.sum() * z.shape[-1]
-    codebook_loss, commitment_loss = d_codebook.sum(), d_commitment.sum()
-    if reduction == "mean":  # the mean over no elements is NaN, as in torch.nn.functional.mse_loss
-        codebook_loss, commitment_loss = codebook_loss / count, commitment_loss / count
-    return QuantizeResult(
-        z_q.reshape(z.shape),
-        idx.reshape(z.shape[:-1]),
-        codebook_loss,
-        commitment_loss,
-        codebook_loss + beta * commitment_loss,
-    )
+    if z.dim() != 2:
+        z_q, idx = z_q.reshape(z.shape), idx.reshape(z.shape[:-1])
+    return z_q, idx, d_codebook.sum(), d_commitment.sum(), count
 
 
 def verify_assignment(
