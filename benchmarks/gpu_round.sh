@@ -4,7 +4,7 @@
 # the GPU-only tests, the cross-check, the comparison report and the pytest-benchmark suites.
 # Usage: bash benchmarks/gpu_round.sh OUT_DIR   (logs, report.json/png and pytest-benchmark JSON)
 # STEPS="gpu-tests certified" bash benchmarks/gpu_round.sh OUT_DIR runs only the steps named (of
-# gpu-tests, certified, check, report, suites), to fit a round into calls of limited length.
+# gpu-tests, certified, check, report, report-more, suites), to fit a round into calls of limited length.
 set -uo pipefail
 out="${1:?usage: bash benchmarks/gpu_round.sh OUT_DIR}"
 mkdir -p "$out"
@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 py="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1
 status=0
-steps="${STEPS:-gpu-tests certified check report suites}"
+steps="${STEPS:-gpu-tests certified check report report-more suites}"
 run() {  # name, command...: log to OUT_DIR/name.log, remember a failure, go on
     local name="$1"; shift
     case " $steps " in *" $name "*) ;; *) echo "== $name: skipped (not in STEPS)"; return 0 ;; esac
@@ -38,6 +38,9 @@ for n, k, d in [(32768, 1024, 256), (65536, 1024, 128), (65536, 16384, 8), (6553
 PY
 run check "$py" -m vqtriton.cli check --device cuda
 run report "$py" -m vqtriton.cli bench --device cuda --out "$out"
+# The ops the default report leaves out: top-k, sampled codes, the fused residual encode, the RVQ and LFQ
+# training steps, and the per-call overhead (host time per launch) at N = 1, 64, 1024.
+run report-more "$py" -m vqtriton.cli bench --device cuda --ops topk,sample,residual,rvq,lfq,latency --out "$out/more"
 run suites "$py" -m pytest -q -p no:cacheprovider benchmarks --benchmark-columns=median,iqr,rounds \
     --benchmark-sort=name --benchmark-json "$out/pytest-benchmark.json"
 exit $status

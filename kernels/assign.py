@@ -60,7 +60,9 @@ NO_CODE = tl.constexpr(2**31 - 1)
 _GROUP = 8
 # D tile of every reported distance (the finish's direct-form sum, ``_row_distance``): one tile whatever
 # the search's tiles, the split and the machine, so a code's distance has the same bits in every launch
-# (k = 1, top-k and sampled assignment; GPU and interpreter alike).
+# (k = 1 and sampled assignment, and the top-k rows the certified search settles; GPU and interpreter
+# alike). The rows top-k's direct-form search settles, and the residual kernel's levels, report their own
+# sums, within the same bound.
 _DIST_BD = tl.constexpr(32)
 # Rows per program of the finish-only launch (split > 1): it streams N rows of z and z_q once.
 _FINISH_BN = 32
@@ -478,7 +480,7 @@ _KEY = ["n_bucket", "K", "D", "split", "MODE", "SEARCH", "FINISH", "RETURN_ZQ", 
 
 
 # Exact mode: BN x BK x BD broadcast tiles of FMA work, no tensor cores (BD <= 64: see the bound
-# in _search_exact).
+# in _direct_tile).
 _EXACT_CONFIGS = [
     triton.Config({"BN": 16, "BK": 32, "BD": 16}, num_warps=4),
     triton.Config({"BN": 32, "BK": 32, "BD": 16}, num_warps=8),

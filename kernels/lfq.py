@@ -32,12 +32,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from vqtriton.kernels import tune_configs
+from vqtriton.kernels import interpreting, tune_configs
 
 __all__ = ["lfq_halves", "lfq_halves_backward", "distribution_entropy", "distribution_entropy_grad"]
 
 # The backward's half-code tile: pinned, so each row's sums are added in one order whatever the config.
-_BWD_BLOCK_A = 64
+# 16 on a GPU: its fp32 "ieee" dots run on CUDA cores, and with 32 or 64 codes a tile some configs spilled
+# on sm_90 (8-312 B, benchmarks/resources.py; none with 16, at 87-143 registers). The interpreter pays per
+# block operation: there a wider tile (its sums' order is numpy's anyway).
+_BWD_BLOCK_A = 16
+_BWD_BLOCK_A_INTERPRETER = 64
 # tl.dot needs every block dim >= 16: the bits of one half (k <= 16, so d <= 32) fit one tile.
 _BLOCK_K = 16
 # The entropy's first stage: pinned tile and warps, so its partials (hence the bits of the sum) depend
@@ -147,7 +151,10 @@ def _lfq_halves_bwd_kernel(
 
 @triton.jit
 def _entropy_kernel(p_m, p_g, p_out, M, eps, GRAD: tl.constexpr, BLOCK: tl.constexpr):
-    i_b, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    # One flat grid axis (row-major over [H, blocks]): axis 1's 65535 would cap the rows a caller may pass.
+    n_blocks = tl.cdiv(M, BLOCK)
+    pid = tl.program_id(0).to(tl.int64)
+    i_h, i_b = pid // n_blocks, pid % n_blocks
     o = i_b * BLOCK + tl.arange(0, BLOCK)  # [B]
     m_o = o < M
     b_m = tl.load(p_m + i_h * M + o, mask=m_o, other=0.0)  # [B]
@@ -158,7 +165,7 @@ def _entropy_kernel(p_m, p_g, p_out, M, eps, GRAD: tl.constexpr, BLOCK: tl.const
         tl.store(p_out + i_h * M + o, -(b_log + b_in) * tl.load(p_g + i_h), mask=m_o)
     else:
         # p = 0 gives 0 * log(floor) = 0: the exact form's 0 log 0.
-        tl.store(p_out + i_h * tl.num_programs(0) + i_b, -tl.sum(b_m * b_log, axis=0))
+        tl.store(p_out + pid, -tl.sum(b_m * b_log, axis=0))  # partials [H, blocks]
 
 
 def _u_strides(u: Tensor) -> Tensor:
@@ -198,7 +205,8 @@ def lfq_halves_backward(u: Tensor, p: Tensor, dp: Tensor, bit0: int, k: int) -> 
         return (triton.cdiv(n, meta["BLOCK_N"]), h)
 
     _lfq_halves_bwd_kernel[grid](
-        u, p, dp, out, n, bit0, k, u.stride(0), u.stride(1), BLOCK_A=_BWD_BLOCK_A, BLOCK_K=_BLOCK_K
+        u, p, dp, out, n, bit0, k, u.stride(0), u.stride(1),
+        BLOCK_A=_BWD_BLOCK_A_INTERPRETER if interpreting() else _BWD_BLOCK_A, BLOCK_K=_BLOCK_K
     )
     return out
 
@@ -210,7 +218,7 @@ def distribution_entropy(m: Tensor, eps: float) -> Tensor:
     blocks = triton.cdiv(size, _ENTROPY_BLOCK)
     partials = torch.empty(h, blocks, dtype=torch.float32, device=m.device)
     if partials.numel():
-        _entropy_kernel[(blocks, h)](m, m, partials, size, eps, GRAD=False, BLOCK=_ENTROPY_BLOCK,
+        _entropy_kernel[(h * blocks,)](m, m, partials, size, eps, GRAD=False, BLOCK=_ENTROPY_BLOCK,
                                      num_warps=_ENTROPY_WARPS)
     return partials.sum(1)
 
@@ -221,6 +229,6 @@ def distribution_entropy_grad(m: Tensor, g: Tensor, eps: float) -> Tensor:
     m, g = m.contiguous(), g.to(torch.float32).contiguous()
     out = torch.empty(h, size, dtype=torch.float32, device=m.device)
     if out.numel():
-        _entropy_kernel[(triton.cdiv(size, _ENTROPY_BLOCK), h)](m, g, out, size, eps, GRAD=True,
-                                                               BLOCK=_ENTROPY_BLOCK, num_warps=_ENTROPY_WARPS)
+        _entropy_kernel[(h * triton.cdiv(size, _ENTROPY_BLOCK),)](m, g, out, size, eps, GRAD=True,
+                                                                 BLOCK=_ENTROPY_BLOCK, num_warps=_ENTROPY_WARPS)
     return out

@@ -187,7 +187,8 @@ def _residual_kernel(z_ptr, c_ptr, ch_ptr, cl_ptr, csq_ptr, ce_ptr, aux_ptr, mea
             else:
                 b_key = _search_dot(xh_ptr, xsq_ptr, ch_ptr + k_lo * stride_cs, csq_ptr + k_lo, aux_ptr + 2 * l, o_n,
                                     m_on, 0, k_n, D, stride_x, stride_cs, MODE, EMULATE_BF16, BN, BK, BD)
-            # Index, direct-form distance and the NaN / Inf policy, exactly as assign finishes a row.
+            # Index, direct-form distance and the NaN / Inf policy as assign finishes a row (the distance summed
+            # in this kernel's tiles: within the same bound, not always assign's bits).
             _finish(b_key, u_ptr, c_l, sidx_ptr, sdist_ptr, sdist_ptr, o_n, m_on, D, stride_r, stride_c, 0,
                     MODE == 0, False, GROUP, BN, PD)
             tl.debug_barrier()
@@ -207,7 +208,7 @@ def _residual_kernel(z_ptr, c_ptr, ch_ptr, cl_ptr, csq_ptr, ce_ptr, aux_ptr, mea
 _KEY = ["n_bucket", "k_total", "D", "L", "MODE", "COSINE", "HAS_MASK", "HAS_LEVELS"]
 
 # The plain direct-form search (exact mode without the certified search, N >= 2^31): a broadcast tile,
-# BD <= 64 for the bound of _search_exact. (Of six tiles tried, the only one without a spill on sm_90
+# BD <= 64 for the bound of _direct_tile. (Of six tiles tried, the only one without a spill on sm_90
 # at both D = 37 and 64.)
 _residual_exact = triton.autotune(
     configs=tune_configs(
@@ -520,7 +521,7 @@ def _replay_kernel(z_ptr, c_ptr, koff_ptr, idx_ptr, g_ptr, w_ptr, v_ptr, keep_pt
                 b_r = b_r - b_q
         if ROTATE:
             c_lam, c_alpha, c_beta = _rotation_scalars(s_xx, s_qq, s_tt, s_tg, s_qg)
-        if COSINE:
+        if COSINE and not STATS:  # (the statistics need no u.h; their w_ptr is a placeholder)
             # u.h = 2 w u.(u - q) + [the straight-through part, where it applies] u.T(g).
             m_lv = keep[:, None] & (o_l < n_lv)[None, :]
             b_w = 2.0 * tl.load(w_ptr + o_n[:, None] * stride_wn + o_l[None, :] * stride_wl, mask=m_lv,

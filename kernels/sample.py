@@ -18,8 +18,10 @@ takes the code of least ``score_k = -T logit_k + T log E_k``:
   (row, code) depends on (seed, row, code) only: not on the block sizes, the split, K or the other
   rows. ``E = -log(U)``, ``U = (r + 1/2) 2^-32``; near U = 1 (small E: the draws that win) it is
   computed from ``V = 1 - U = (~r + 1/2) 2^-32`` by the series of ``-log(1 - V)``, so every E keeps
-  about fp32's relative precision. ``vqtriton.torch_ops.gumbel_log_e`` computes the same bits in int64
-  PyTorch arithmetic (and ``vqtriton.reference.philox4x32`` in NumPy).
+  about fp32's relative precision. ``vqtriton.torch_ops.gumbel_log_e`` draws the same Philox words and the
+  same fp32 uniforms in int64 PyTorch arithmetic (``vqtriton.reference.philox4x32``: NumPy), and takes
+  their logs in float64 (the kernel: the fp32 series), so both paths sample the same code but for draws
+  within that rounding of a tie.
 
 The seed is read on the device (a 0-dim int64 tensor), so a compiled training step can draw it with
 ``torch.randint`` and never sync. With the code axis split (small N, large K), each program's best

@@ -262,7 +262,16 @@ RFSQ_CASES = {
     "rotation-noise": (dict(levels=[5, 5, 5], num_quantizers=3, orthogonal_rotation=True, noise_dropout=0.5),
                        (2, 29, 3), {}),
     "channel-first": (dict(dim=3, levels=[5, 4], num_quantizers=3, is_channel_first=True), (2, 3, 4, 5), {}),
+    "keep-codebook-dim": (dict(levels=[5, 3], num_quantizers=2, keep_num_codebooks_dim=True), (2, 9, 2), {}),
 }
+
+
+def _as_forward(decoded: torch.Tensor, case: str, channel_last: bool = False) -> torch.Tensor:
+    """A residual translator's decoded output in its forward's layout: vqp's decoding keeps the indices'
+    codebook dim, and (``channel_last``: ResidualLFQ's) gives channel-last outputs of channel-first inputs."""
+    if case == "keep-codebook-dim":
+        return decoded.squeeze(-2)
+    return decoded.movedim(-1, 1) if channel_last and case in ("image", "channel-first") else decoded
 
 
 @pytest.mark.parametrize("case", list(RFSQ_CASES))
@@ -277,7 +286,7 @@ def test_residual_fsq_parity(case):
             assert ro[1].dtype == torch.int32
     theirs.eval(), ours.eval()
     ro = _assert_parity(theirs, ours, x)
-    assert torch.equal(ours.get_output_from_indices(ro[1]), ro[0].detach())
+    assert torch.equal(_as_forward(ours.get_output_from_indices(ro[1]), case), ro[0].detach())
     torch.testing.assert_close(ours.codebooks, theirs.codebooks)
     if case == "rotation-noise":  # vqp decodes without its levels' rotations: not its own forward's output
         assert not torch.allclose(theirs.get_output_from_indices(ro[1]), ro[0])
@@ -317,6 +326,9 @@ RLFQ_CASES = {
                     soft_clamp_input_value=1.5, frac_per_sample_entropy=0.5), (2, 23, 4), {}),
     "batch-mask": (dict(dim=4, codebook_size=16, num_quantizers=2), (3, 23, 4), dict(mask=torch.tensor([True, False, True]))),
     "spherical": (dict(dim=4, codebook_size=16, num_quantizers=2, spherical=True), (2, 23, 4), {}),
+    "keep-codebook-dim": (dict(dim=4, codebook_size=16, num_quantizers=2, keep_num_codebooks_dim=True), (2, 9, 4), {}),
+    "image": (dict(dim=4, codebook_size=16, num_quantizers=3), (2, 4, 3, 5), {}),  # levels: channel_first=None
+    "channel-first": (dict(dim=4, codebook_size=16, num_quantizers=2, channel_first=True), (2, 4, 7), {}),
 }
 
 
@@ -328,10 +340,11 @@ def test_residual_lfq_parity(case):
     _assert_parity(theirs, ours, x, **call)
     theirs.eval(), ours.eval()
     ro = _assert_parity(theirs, ours, x, grads=False)
-    assert torch.equal(ours.get_output_from_indices(ro[1]), ro[0].detach())
+    assert torch.equal(_as_forward(ours.get_output_from_indices(ro[1]), case, channel_last=True), ro[0].detach())
     assert torch.equal(ours.codebooks, theirs.codebooks)
     if case != "spherical":  # vqp decodes with its unnormalised codebook there
         torch.testing.assert_close(ours.get_output_from_indices(ro[1]), theirs.get_output_from_indices(ro[1]))
+        torch.testing.assert_close(ours.get_codes_from_indices(ro[1]), theirs.get_codes_from_indices(ro[1]))
         (*_, ct), (*_, co) = theirs(x, return_all_codes=True), ours(x, return_all_codes=True)
         torch.testing.assert_close(co, ct)
 

@@ -134,6 +134,22 @@ def test_huge_codebooks_keep_exact_indices(device):
     assert torch.equal(fsq.levels_from_indices(idx), torch.from_numpy(k).to(device))
 
 
+@pytest.mark.parametrize("hard", [False, True])
+@pytest.mark.parametrize("levels", [[1001, 3], [1003, 1004], [2000, 7]])
+def test_saturated_inputs_stay_within_many_levels(device, levels, hard):
+    """Past 1000 levels the bound's slack exceeds half a level: a saturated input must still get the last
+    level (vqp's FSQ gives L, an index past the codebook), as in the reference."""
+    fsq = vqt.FSQ(levels, hard_clamp=hard).to(device)
+    z = torch.tensor([[100.0, -100.0], [-100.0, 100.0], [3.0, -0.2], [-1e30, 1e30]], device=device)
+    out, idx = fsq(z)
+    codes, ref_idx = R.fsq_quantize(f64(z), levels, hard_clamp=hard)
+    assert np.array_equal(f64(idx), ref_idx)
+    assert ((0 <= ref_idx) & (ref_idx < fsq.codebook_size)).all()
+    np.testing.assert_allclose(f64(out), codes, rtol=0, atol=2e-7)
+    assert f64(out).max() <= 1 and f64(out).min() >= -1
+    assert torch.equal(fsq.indices_to_codes(idx), out)
+
+
 def test_non_finite_vectors_get_no_code(device):
     fsq = vqt.FSQ([5, 5], heads=2).to(device)
     z = torch.randn(4, 4, device=device)

@@ -481,6 +481,35 @@ def test_update_indices_is_the_forward_update(device):
         torch.testing.assert_close(b.state_dict()[name], t, msg=name)
     with pytest.raises(ValueError, match=r"indices must have shape \(4, 10\)"):
         b.update_indices(z, top)
+    for bad in (11, -2):  # never counted as another code (nor, on a GPU, written outside the codebook)
+        with pytest.raises(IndexError, match=r"indices must lie in \[0, 11\)"):
+            b.update_indices(z, torch.full((4, 10), bad, device=device))
+
+
+def test_cross_entropy_commitment_of_no_kept_vector_is_zero(device):
+    """A fully masked call (also a residual level that quantize dropout left out) has commitment 0, not
+    0 / 0 = NaN, and its gradient is finite; the public code_cross_entropy of no target stays NaN."""
+    from vqtriton.residual import ResidualVQ
+
+    vq = VectorQuantizer(5, 9, commitment_cross_entropy=True).to(device)
+    z = torch.randn(7, 5, device=device, requires_grad=True)
+    _, _, loss = vq(z, torch.zeros(7, dtype=torch.bool, device=device))
+    assert float(loss.detach()) == 0.0
+    loss.backward()
+    assert torch.isfinite(vq.codebook.grad).all() and torch.isfinite(z.grad).all()
+    assert torch.isnan(vq.code_cross_entropy(z.detach(), torch.full((7,), -1, device=device)))
+    rvq = ResidualVQ(5, 9, 3, commitment_cross_entropy=True).to(device)
+    *_, losses = rvq(z, return_all_losses=True, num_active=torch.tensor(1, device=device))
+    assert torch.isfinite(losses).all() and (losses[1:] == 0).all()
+
+
+def test_frozen_codebook_gets_no_orthogonal_gradient(device):
+    vq = VectorQuantizer(6, 10, orthogonal_reg_weight=1.0).to(device)
+    z = torch.randn(20, 6, device=device, requires_grad=True)
+    vq(z, freeze_codebook=True)[2].backward()
+    assert vq.codebook.grad is None or not vq.codebook.grad.any()
+    vq(z)[2].backward()
+    assert vq.codebook.grad.any()
 
 
 def test_ema_update_weight_and_accumulation(device):

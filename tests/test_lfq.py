@@ -458,3 +458,16 @@ def test_gpu_kernels_match_the_torch_path_at_scale():
         (gu,) = torch.autograd.grad(got.sum(), ug)
         (wu,) = torch.autograd.grad(want.sum(), u)
         torch.testing.assert_close(gu.cpu(), wu, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_gpu_distribution_entropy_of_many_rows():
+    """More rows than a CUDA grid's second axis holds (65535): the entropy kernels use one flat axis."""
+    p = torch.softmax(torch.randn(70001, 37, device="cuda"), -1).requires_grad_()
+    for eps in (None, 1e-3):
+        got = E.distribution_entropy(p, eps, backend="triton")
+        want = E.distribution_entropy(p, eps, backend="torch")
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        (g1,) = torch.autograd.grad(got.sum(), p)
+        (g2,) = torch.autograd.grad(want.sum(), p)
+        torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-6)

@@ -326,7 +326,10 @@ BAD = [
                                                                                     device=z.device)),
      ValueError, r"indices must have shape z.shape\[:-1\] \+ \(L,\) = \(6, 3\), got \(6, 2\)"),
     ("stats-indices-range", lambda z, c: vqt.residual_code_stats(z, c, torch.full((6, 3), 5, device=z.device)),
-     IndexError, r"indices\[\.\.\., 0\] must lie in \[0, 5\)"),
+     IndexError, r"indices must lie in \[0, 5\)"),
+    ("stats-indices-range-per-level",  # levels of 5, 3 and 5 codes: index 4 is out of range at level 1 only
+     lambda z, c: vqt.residual_code_stats(z, [c[0], c[1, :3], c[2]], torch.full((6, 3), 4, device=z.device)),
+     IndexError, r"indices\[\.\.\., 1\] must lie in \[0, 3\)"),
     ("stats-indices-float", lambda z, c: vqt.residual_code_stats(z, c, torch.zeros(6, 3, device=z.device)),
      TypeError, r"indices must be an integer tensor"),
 ]

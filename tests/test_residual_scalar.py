@@ -67,14 +67,16 @@ def test_num_active_and_dropout(device):
     rfsq = vqt.ResidualFSQ([5, 5], 4).to(device)
     z = torch.randn(30, 2, device=device)
     full, idx = rfsq(z)
-    for n in (0, 1, 3, 4):
+    for n in (1, 3, 4):
         for active in (n, torch.tensor(n, device=device)):
             out, i = rfsq(z, num_active=active)
             assert (i[:, n:] == -1).all() and torch.equal(i[:, :n], idx[:, :n])
-            want = rfsq.get_output_from_indices(idx[:, :n]) if n else torch.zeros_like(z)
-            torch.testing.assert_close(out, want)
+            torch.testing.assert_close(out, rfsq.get_output_from_indices(idx[:, :n]))
     with pytest.raises(ValueError, match="num_active"):
         rfsq(z, num_active=torch.tensor(1.5))
+    for bad in (0, 5):  # as ResidualVQ: an int in [1, Q]
+        with pytest.raises(ValueError, match=r"num_active must be in \[1, 4\]|num_active must be >= 1"):
+            rfsq(z, num_active=bad)
 
 
 @pytest.mark.parametrize("p, cutoff, multiple", [(0.5, 0, 1), (1.0, 1, 1), (0.8, 0, 3)])

@@ -240,3 +240,19 @@ def test_window_is_a_bound_on_the_float32_error():
         st = (zc.square().sum(-1) + book.sq_max).double()
         half = 2.0 * torch_ops._gamma(3 * d + 8, 2.0**-24) * st
         assert ((approx - truth).abs() <= half.unsqueeze(1)).all()
+
+
+def test_cuda_fp32_matmul_sets_and_restores_the_new_api():
+    """After a user set TF32 through torch's new API, reading the legacy ``allow_tf32`` raises (torch >= 2.9):
+    the helper the LFQ GEMM and the benchmarks use goes through ``fp32_precision`` and restores it."""
+    matmul = torch.backends.cuda.matmul
+    old = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"
+        with torch_ops.cuda_fp32_matmul(tf32=False):
+            assert matmul.fp32_precision == "ieee"
+        assert matmul.fp32_precision == "tf32"
+        with torch_ops.cuda_fp32_matmul(tf32=True):
+            assert matmul.fp32_precision == "tf32"
+    finally:
+        matmul.fp32_precision = old

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import vqtriton as vqt
+from vqtriton.torch_ops import cuda_fp32_matmul
 
 # (N, K, D): the five shapes of the performance issue, then small N with large K.
 GPU_SHAPES = ((32768, 1024, 256), (65536, 1024, 128), (65536, 16384, 8), (65536, 8192, 256), (262144, 4096, 64))
@@ -146,12 +147,8 @@ def _with_tf32(enabled: bool, fn, *args):
     """``fn(*args)`` with cuBLAS TF32 on or off, the flag restored after (no effect on the CPU)."""
 
     def run():
-        old = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = enabled
-        try:
+        with cuda_fp32_matmul(tf32=enabled):
             return fn(*args)
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = old
 
     return run
 
@@ -327,7 +324,7 @@ PROVIDERS["latency-launch"] = {
 }
 LATENCY_OPS = tuple(op for op in PROVIDERS if op.startswith("latency-"))
 # Ops timed as a forward only (under no_grad), and ops timed without the device sync after the call.
-FORWARD_ONLY_OPS = ("assign", "latency-eval-learned", "latency-eval-ema", "latency-assign", "latency-launch")
+FORWARD_ONLY_OPS = ("assign", "topk", "sample", "latency-eval-learned", "latency-eval-ema", "latency-assign", "latency-launch")
 HOST_ONLY_OPS = ("latency-launch",)
 
 

@@ -246,7 +246,8 @@ def rng_state(generators: Mapping[str, torch.Generator] | None = None) -> dict:
 
 def set_rng_state(state: Mapping, generators: Mapping[str, torch.Generator] | None = None) -> None:
     """Put back what :func:`rng_state` captured. ``generators`` must name the same generators as then
-    (``ValueError`` otherwise); CUDA states need as many CUDA devices as there were."""
+    (``ValueError`` otherwise); CUDA states need as many CUDA devices as there were. The states may lie on
+    any device (a checkpoint loaded with ``map_location="cuda"``): they are read back to the CPU first."""
     import numpy as np
 
     generators = _named_generators(generators)
@@ -263,15 +264,15 @@ def set_rng_state(state: Mapping, generators: Mapping[str, torch.Generator] | No
         raise ValueError(
             f"the RNG state holds {len(cuda)} CUDA generator states, this process sees {seen} CUDA devices"
         )
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())
     if cuda is not None:
-        torch.cuda.set_rng_state_all(cuda)
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    np.random.set_state(("MT19937", n["key"].cpu().numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     for name, g in generators.items():
-        g.set_state(state["generators"][name])
+        g.set_state(state["generators"][name].cpu())
 
 
 def _named_generators(generators) -> dict:

@@ -27,6 +27,16 @@ _EPS = 1e-8  # vqp's clamp of the squared distance before the square root
 _ENTROPY_EPS = 1e-5  # vqp's clamp inside the entropy's log
 
 
+def _check_rows(z: Tensor, codebook: Tensor, per_row: Tensor, name: str) -> None:
+    """The shapes and dtypes (never the values: no host sync) of the two losses' arguments."""
+    if z.dim() != 2 or codebook.dim() != 2 or z.shape[1] != codebook.shape[1]:
+        raise ValueError(f"z must be [n, d] and codebook [K, d], got z {tuple(z.shape)} and codebook "
+                         f"{tuple(codebook.shape)}")
+    if per_row.shape != z.shape[:1] or per_row.is_floating_point() or per_row.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor of shape ({z.shape[0]},), got {per_row.dtype} of shape "
+                         f"{tuple(per_row.shape)}")
+
+
 def _logits(z: Tensor, codebook: Tensor, cosine: bool) -> tuple[Tensor, Tensor | None]:
     """The logits ``[r, K]`` of rows ``z [r, d]``, and for l2 the clamped squared distances."""
     dot = z @ codebook.T
@@ -120,12 +130,15 @@ def diversity_loss(z: Tensor, codebook: Tensor, group: Tensor, num_groups: int, 
                    cosine: bool) -> Tensor:
     """vqp's codebook-diversity loss (module docstring) of rows ``z [n, d]``, ``group [n]`` each row's group in
     ``[0, num_groups)`` (-1: not counted); the mean is over the groups that have rows. Differentiable to ``z``
-    and ``codebook``; memory O(chunk + num_groups K)."""
+    and ``codebook``; memory O(chunk + num_groups K). (Group values are not read on the host: the caller's.)"""
+    _check_rows(z, codebook, group, "group")
     return _Diversity.apply(z, codebook, group.to(torch.int64), int(num_groups), float(temperature), bool(cosine))
 
 
 def cross_entropy_sum(z: Tensor, codebook: Tensor, target: Tensor, *, cosine: bool) -> Tensor:
     """``sum`` over the rows of ``z [n, d]`` with ``target [n] >= 0`` of ``-log softmax(logits)[target]``
     (logits as the module docstring says; ``cosine``: ``z`` and the codebook are l2-normalised already).
-    Differentiable to ``z`` and ``codebook``; float32 (float64 for float64 inputs)."""
+    Differentiable to ``z`` and ``codebook``; float32 (float64 for float64 inputs). (Target values are not
+    read on the host, so a training step compiles whole: the caller keeps them in ``[-1, K)``.)"""
+    _check_rows(z, codebook, target, "target")
     return _CrossEntropySum.apply(z, codebook, target.to(torch.int64), bool(cosine))

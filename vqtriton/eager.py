@@ -26,9 +26,17 @@ from __future__ import annotations
 import inspect
 
 import torch
-from torch._functorch.utils import unwrap_dead_wrappers
-from torch._library.custom_ops import OPDEFS
 from torch.overrides import has_torch_function
+
+# torch internals (2.4 - 2.14): where a release moves them, every call takes the custom op itself.
+try:
+    from torch._functorch.utils import unwrap_dead_wrappers
+    from torch._library.custom_ops import OPDEFS
+except ImportError:  # pragma: no cover - depends on the torch release
+    OPDEFS = {}
+
+    def unwrap_dead_wrappers(args):
+        return args
 
 __all__ = ["call"]
 
@@ -41,13 +49,16 @@ class _Spec:
         opdef = OPDEFS.get(f"vqtriton::{name}")
         self.fn = self.setup = self.backward = None
         self.defaults: tuple = ()
-        if opdef is None or set(getattr(opdef, "_backend_fns", {None: 0})) != {None}:
-            return  # not a torch.library.custom_op with one implementation: always the op
-        if opdef._opoverload._schema.is_mutable:
-            return  # mutated arguments need the op's version-counter bumps
-        self.fn = opdef._init_fn
-        self.setup, self.backward = opdef._setup_context_fn, opdef._backward_fn
-        params = list(inspect.signature(self.fn).parameters.values())
+        try:
+            if opdef is None or set(opdef._backend_fns) != {None}:
+                return  # not a torch.library.custom_op with one implementation: always the op
+            if opdef._opoverload._schema.is_mutable:
+                return  # mutated arguments need the op's version-counter bumps
+            fn, setup, backward = opdef._init_fn, opdef._setup_context_fn, opdef._backward_fn
+        except AttributeError:  # a torch release that keeps them elsewhere: always the op
+            return
+        params = list(inspect.signature(fn).parameters.values())
+        self.fn, self.setup, self.backward = fn, setup, backward
         self.defaults = tuple(p.default for p in params)
         self.required = sum(p.default is inspect.Parameter.empty for p in params)
 

@@ -45,6 +45,7 @@ from vqtriton import checks
 from vqtriton.backend import choose, ops
 from vqtriton.eager import call as _op  # torch.ops.vqtriton.<name>, without its dispatch in eager mode
 from vqtriton.entropy_torch import clamped_entropy_terms
+from vqtriton.torch_ops import cuda_fp32_matmul
 
 __all__ = ["code_distribution", "distribution_entropy", "bit_entropy", "lfq_entropy", "LFQEntropy", "MAX_BITS"]
 
@@ -61,15 +62,11 @@ class LFQEntropy(NamedTuple):
 
 
 def _bmm(a: Tensor, b: Tensor) -> Tensor:
-    """``a @ b`` in full fp32 on CUDA whatever ``allow_tf32`` says (TF32 would cost the 1e-6 accuracy)."""
+    """``a @ b`` in full fp32 on CUDA whatever the TF32 setting says (TF32 would cost the 1e-6 accuracy)."""
     if not a.is_cuda:
         return torch.bmm(a, b)
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
+    with cuda_fp32_matmul(tf32=False):
         return torch.bmm(a, b)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
 
 
 # --- the batch code distribution: vqtriton::lfq_code_distribution --------------------------------
@@ -304,8 +301,6 @@ def bit_entropy(logits: Tensor, weight: Tensor | None = None, *, eps: float | No
         rows = (torch.sigmoid(u) * F.softplus(-u) + torch.sigmoid(-u) * F.softplus(u)).sum(-1)  # [N, H]
         out = (w[:, None] * rows).sum(0)  # [H]
     return out[0] if single else out
-
-
 
 
 def lfq_entropy(logits: Tensor, mask: Tensor | None = None, *, eps: float | None = None,

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vqtriton import checks
 from vqtriton.codebook_state import draws
 from vqtriton.torch_ops import rotation
 
@@ -62,6 +63,9 @@ def directional(z: Tensor, codes: Tensor, variance: float, generator: torch.Gene
     """DiVeQ's output ``z + sg[unit(e + sqrt(variance) eps)] |e|``, ``e = codes - z``, ``eps ~ N(0, I)``
     (drawn with ``generator``; unit: l2-normalised with eps 1e-6, as vector-quantize-pytorch). Gradients
     reach ``z`` and ``codes``; ``variance=0`` makes it deterministic (value: the codes, to rounding)."""
+    checks.real("variance", variance, lambda v: v >= 0, ">= 0")
+    if z.shape != codes.shape:
+        raise ValueError(f"z and codes must have the same shape, got z {tuple(z.shape)} and codes {tuple(codes.shape)}")
     err = codes - z
     noise = torch.randn(err.shape, dtype=err.dtype, device=err.device, **draws(generator))
     direction = F.normalize(err.detach() + math.sqrt(variance) * noise, dim=-1, eps=1e-6)

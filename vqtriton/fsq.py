@@ -132,7 +132,9 @@ class FSQ(nn.Module):
         offset = torch.where(lv % 2 == 0, 0.5, 0.0)
         shift = offset / half_l if self.hard_clamp else torch.atanh(offset / half_l)
         bounded = squash(x + shift) * half_l - offset
-        k = bounded.detach().round() + lv // 2
+        # Clamped: past L = 1000 levels the bound's slack (L - 1) eps / 2 passes half a level, and a saturated
+        # input would round one level beyond the last (vqp's FSQ does; below that the clamp changes nothing).
+        k = torch.minimum((bounded.detach().round() + lv // 2).clamp(min=0), (lv - 1).to(bounded.dtype))
         return self._codes(k) + (bounded - bounded.detach()) / (lv // 2), k
 
     def _codes(self, k: torch.Tensor) -> torch.Tensor:

@@ -412,7 +412,8 @@ class VectorQuantizer(nn.Module):
         - ``codebook_transform`` (one head): per-row codebooks (:class:`vqtriton.qinco.RowCodebooks`):
           each vector is quantized against its own codes (QINCo's implicit neural codebooks).
         - ``target_indices`` (``indices``' shape; -1: no target): also returns :meth:`code_cross_entropy`
-          against them, from the codebook this call quantizes with (before its update).
+          against them, from the codebook this call quantizes with (before its update). Their values are
+          range-checked on the host (one sync: a graph break under torch.compile, like any given indices).
 
         ``_active``, ``_update``, ``_collect`` are for :class:`~vqtriton.ResidualVQ`: ``_active`` (0-dim
         bool) False makes the call a level that did not run (every vector masked, no codebook change);
@@ -471,7 +472,8 @@ class VectorQuantizer(nn.Module):
                 ce = self._cross_entropy(parts, kept, target_indices, lead, freeze)
             losses = [r.loss for r in results]
             if self.commitment_cross_entropy and topk is None:  # the commitment term: the code logits' CE
-                ce_own = self._cross_entropy_books(parts, kept, [r.indices for r in results], freeze)
+                # No kept row (a fully masked call, a level quantize dropout left out): 0, not 0 / 0.
+                ce_own = self._cross_entropy_books(parts, kept, [r.indices for r in results], freeze, empty=0.0)
                 cb = [r.codebook_loss if self.ema_decay is None else r.codebook_loss * 0 for r in results]
                 losses = [c + self.beta * ce_own for c in cb]
                 results = [r._replace(commitment_loss=ce_own) for r in results]
@@ -495,7 +497,7 @@ class VectorQuantizer(nn.Module):
                 self._update_books(stats, parts, kept, sync, _active, ema_update=ema_update,
                                    weight=ema_update_weight, accumulate=accum_ema_update)
             if self.training and self.orthogonal_reg_weight > 0:  # on the codes after this step's update (vqp's)
-                ortho = self._orthogonal_loss([r.indices for r in results])
+                ortho = self._orthogonal_loss([r.indices for r in results], freeze)
                 if _active is not None:  # a level that did not run has no loss
                     ortho = torch.where(_active, ortho, 0)
                 losses = [v + self.orthogonal_reg_weight * ortho for v in losses]
@@ -595,8 +597,10 @@ class VectorQuantizer(nn.Module):
         books = [idx.reshape(-1)] if self.num_books == 1 else list(idx.unbind(1))
         return self._cross_entropy_books(parts, kept, books, freeze)
 
-    def _cross_entropy_books(self, parts: list, kept: list, books: list, freeze: bool) -> torch.Tensor:
-        """The mean cross entropy over every codebook's rows with a target (``books``: one ``[n]`` each)."""
+    def _cross_entropy_books(self, parts: list, kept: list, books: list, freeze: bool,
+                             empty: float = float("nan")) -> torch.Tensor:
+        """The mean cross entropy over every codebook's rows with a target (``books``: one ``[n]`` each);
+        ``empty`` where no row has one (NaN, as torch's mean cross entropy of no targets, or 0)."""
         total, count = 0, 0
         for b, (p, m, t) in enumerate(zip(parts, kept, books)):
             t = t if m is None else torch.where(m, t, -1)
@@ -605,7 +609,7 @@ class VectorQuantizer(nn.Module):
             total = total + code_logits.cross_entropy_sum(p, codes.detach() if freeze else codes, t,
                                                           cosine=self.metric == "cosine")
             count = count + (t >= 0).sum()
-        return total / count
+        return torch.where(count > 0, total / count.clamp_min(1), empty)
 
     def get_output_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """The codes of ``indices`` in the layer's input layout (``channel_dim`` honoured), -1 giving zeros.
@@ -647,13 +651,16 @@ class VectorQuantizer(nn.Module):
         ema_update: bool | None = None,
         ema_update_weight=None,
         accum_ema_update: bool = False,
+        check_indices: bool = True,
         _active: torch.Tensor | None = None,
     ) -> None:
         """The codebook update of a training step, from given ``indices`` of the vectors ``z`` (``z``'s layout,
         as ``forward``; ``indices`` its shape without the channel dim, ``[..., H]`` with heads; -1 counts
         nowhere): the EMA step and dead-code restart that ``forward`` would do had it chosen them (after a
         top-k call, or a beam search's final choice). The options are ``forward``'s. A layer without
-        statistics (a learned codebook that restarts no code) has nothing to update."""
+        statistics (a learned codebook that restarts no code) has nothing to update. The index values are
+        range-checked (one host sync) unless ``check_indices=False`` (indices this layer's own search
+        returned: then nothing is read on the host)."""
         if not self.keeps_statistics:
             return
         rows, lead = self._rows(z)
@@ -661,6 +668,8 @@ class VectorQuantizer(nn.Module):
         want = (*lead, self.heads) if self.heads > 1 else tuple(lead)
         if tuple(idx.shape) != want:
             raise ValueError(f"indices must have shape {want} for z {tuple(z.shape)}, got {tuple(idx.shape)}")
+        if check_indices:
+            checks.index_range(idx, self.num_codes)
         keep = self._kept(mask, lead, z)
         if _active is not None:
             keep = _active.expand(rows.shape[0]) if keep is None else keep & _active
@@ -979,12 +988,14 @@ class VectorQuantizer(nn.Module):
         return code_logits.diversity_loss(p, codes.detach() if freeze else codes, group, n_pos,
                                           temperature=self.codebook_diversity_temperature, cosine=self.metric == "cosine")
 
-    def _orthogonal_loss(self, indices: list[torch.Tensor]) -> torch.Tensor:
+    def _orthogonal_loss(self, indices: list[torch.Tensor], freeze: bool = False) -> torch.Tensor:
         """The orthogonality regulariser (class docstring) of the codebooks, over the codes that ``indices``
         (each codebook's, -1 for none) chose when only active codes count, and a random subset of at most
-        ``orthogonal_reg_max_codes`` of them (the same subset for every codebook, drawn with the generator)."""
+        ``orthogonal_reg_max_codes`` of them (the same subset for every codebook, drawn with the generator).
+        ``freeze``: the codebook gets no gradient from it."""
         k = self.num_codes
         books = self.codebook.reshape(self.num_books, k, self.head_dim).clone()  # the EMA rewrites it in place
+        books = books.detach() if freeze else books
         unit_codes = torch.nn.functional.normalize(books.to(torch.promote_types(books.dtype, torch.float32)), dim=-1, eps=1e-6)
         weight = None
         if self.orthogonal_reg_active_codes_only:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vqtriton import checks
 from vqtriton.codebook_state import draws
 
 __all__ = ["QincoMLP", "RowCodebooks", "QincoCodes", "nearest", "CHUNK_ELEMS"]
@@ -100,8 +101,15 @@ def nearest(
     wins ties); a row with no finite distance gets -1. ``temperature > 0`` samples instead (Gumbel-max on
     the logits ``-sqrt(max(d, 1e-8))`` for l2, the cosine similarity ``1 - d / 2`` for cosine, over
     ``temperature``; noise from ``generator``). Runs without gradient, in row chunks of bounded memory."""
+    if z.dim() != 2:
+        raise ValueError(f"z must be [n, d], got shape {tuple(z.shape)}")
     n, d = z.shape
     num_codes = codebook.shape[0]
+    if k is not None:
+        k = checks.integer("k", k, 1)
+        if k > num_codes:
+            raise ValueError(f"k must be in [1, K = {num_codes}], got {k}")
+    checks.choice("metric", metric, ("l2", "cosine"))
     step = max(1, CHUNK_ELEMS // max(1, num_codes * d))
     out = []
     with torch.no_grad():

@@ -48,6 +48,20 @@ OUTPUT_GRADIENTS = ("first", "every")
 DIVEQ_VARIANCE = 5e-3
 
 
+def checked_num_active(num_active, q: int, device) -> int | torch.Tensor:
+    """A residual stack's ``num_active`` argument, checked: an int in ``[1, q]``, or a 0-dim integer tensor
+    (moved to ``device``; its value is never read on the host)."""
+    if isinstance(num_active, torch.Tensor):
+        if num_active.dim() != 0 or num_active.is_floating_point() or num_active.dtype == torch.bool:
+            raise ValueError(f"num_active must be an int or a 0-dim integer tensor, got {num_active.dtype} of shape "
+                             f"{tuple(num_active.shape)}")
+        return num_active.to(device)
+    n = checks.integer("num_active", num_active, 1)
+    if n > q:
+        raise ValueError(f"num_active must be in [1, {q}], got {n}")
+    return n
+
+
 def dropout_levels(q: int, p: float, cutoff: int, multiple_of: int, generator, device) -> torch.Tensor:
     """Quantize dropout's draw (every residual module's): how many leading levels of ``q`` a training step
     keeps, as a 0-dim int64 tensor made on ``device`` (no host sync): ``q``, or with probability ``p`` an
@@ -436,11 +450,11 @@ class ResidualVQ(nn.Module):
         if deferred:
             ones = torch.ones(n, dtype=torch.bool, device=indices.device)
             masks = [(ones if keep is None else keep) & (True if a is None else a) for a in actives]
-            self.layers[0].update_indices(torch.cat(inputs), indices.T.reshape(-1), torch.cat(masks))
+            self.layers[0].update_indices(torch.cat(inputs), indices.T.reshape(-1), torch.cat(masks), check_indices=False)
             return
         for l, layer in enumerate(self.layers):
             layer.update_indices(inputs[l].reshape(*lead, -1), indices[:, l].reshape(lead),
-                                 None if keep is None else keep.reshape(lead), _active=actives[l])
+                                 None if keep is None else keep.reshape(lead), check_indices=False, _active=actives[l])
 
     def cross_entropy(self, z: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor | None = None):
         """Teacher forcing on given codes ``indices [..., num_quantizers]``: ``(z_q, losses [Q])``, ``z_q`` the sum of
@@ -515,12 +529,7 @@ class ResidualVQ(nn.Module):
         """The levels this call runs: given (an int in [1, Q] or a 0-dim integer tensor), or drawn."""
         if num_active is None:
             return self.draw_levels(device)
-        if isinstance(num_active, torch.Tensor):
-            if num_active.dim() != 0 or num_active.is_floating_point() or num_active.dtype == torch.bool:
-                raise ValueError(f"num_active must be a 0-dim integer tensor, got {num_active.dtype} of shape "
-                                 f"{tuple(num_active.shape)}")
-            return num_active.to(device)
-        n = checks.integer("num_active", num_active, 1)
-        if n > self.num_quantizers:
-            raise ValueError(f"num_active must be in [1, {self.num_quantizers}], got {n}")
+        n = checked_num_active(num_active, self.num_quantizers, device)
+        if isinstance(n, torch.Tensor):
+            return n
         return None if n == self.num_quantizers else torch.tensor(n, device=device)

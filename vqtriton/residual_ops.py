@@ -294,7 +294,7 @@ def residual_code_stats(z: Tensor, codebooks, indices: Tensor, *, metric: str = 
     ``indices [..., L]`` (index -1 skipped). Returns ``(counts, sums)``: float32 ``[L, K]`` and ``[L, K, D]``
     for a ``[L, K, D]`` codebook tensor, else lists of ``[K_l]`` and ``[K_l, D]``. No gradient.
 
-    The index values are range-checked (one host sync) unless ``check_indices=False``: a training step
+    The index values are range-checked (one host sync; one a level when the levels' sizes differ) unless ``check_indices=False``: a training step
     passes the indices ``residual_assign`` / ``residual_quantize`` returned, in range by construction,
     and then nothing is read on the host (the call compiles whole). ``deterministic`` (default:
     ``torch.are_deterministic_algorithms_enabled()``): bitwise reproducible sums."""
@@ -305,8 +305,11 @@ def residual_code_stats(z: Tensor, codebooks, indices: Tensor, *, metric: str = 
                          f"{tuple(idx.shape)}")
     idx = idx.reshape(-1, len(sizes))
     if check_indices:
-        for l, k in enumerate(sizes):
-            checks.index_range(idx[:, l], k, f"indices[..., {l}]")
+        if len(set(sizes)) == 1:
+            checks.index_range(idx, sizes[0])
+        else:
+            for l, k in enumerate(sizes):
+                checks.index_range(idx[:, l], k, f"indices[..., {l}]")
     with torch.no_grad():
         flat = unit(flat.detach()) if metric == "cosine" else flat.detach()
         name = choose(rows, flat, backend=backend)

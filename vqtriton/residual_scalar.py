@@ -34,7 +34,7 @@ from torch import nn
 from vqtriton import checks
 from vqtriton.fsq import FSQ, check_levels
 from vqtriton.lfq import LFQ
-from vqtriton.residual import OUTPUT_GRADIENTS, dropout_levels
+from vqtriton.residual import OUTPUT_GRADIENTS, checked_num_active, dropout_levels
 from vqtriton.scalar import channel_rows, kept
 
 __all__ = ["ResidualFSQ", "ResidualLFQ"]
@@ -59,11 +59,7 @@ class _Residual(nn.Module):
     def _num_active(self, num_active, device) -> int | torch.Tensor | None:
         """The levels that run this call: ``num_active`` as given, a dropout draw, or None (all)."""
         if num_active is not None:
-            if isinstance(num_active, torch.Tensor):
-                if num_active.dim() != 0 or num_active.is_floating_point() or num_active.dtype == torch.bool:
-                    raise ValueError(f"num_active must be an int or a 0-dim integer tensor, got {num_active!r}")
-                return num_active.to(device)
-            return checks.integer("num_active", num_active, 0)
+            return checked_num_active(num_active, self.num_quantizers, device)
         return self.draw_levels(device)
 
     def draw_levels(self, device) -> torch.Tensor | None:

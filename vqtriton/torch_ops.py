@@ -8,6 +8,8 @@ distances. Accumulation is in float32 for float32/float16/bfloat16 inputs and fl
 
 from __future__ import annotations
 
+import contextlib
+
 import functools
 import math
 from typing import NamedTuple
@@ -150,17 +152,36 @@ def _nearest(zz: torch.Tensor, codebook: torch.Tensor, best: torch.Tensor, out_d
 def _ieee_fp32_gemm(device: torch.device) -> bool:
     """Whether a float32 GEMM on ``device`` rounds as IEEE float32 (the float32 search's bound assumes it):
     not under TF32 or bf16 modes (``torch.backends.*.fp32_precision``, or the legacy
-    ``torch.set_float32_matmul_precision`` / ``allow_tf32``, which set them)."""
+    ``torch.set_float32_matmul_precision`` / ``allow_tf32``, which set them; before torch 2.9, which has no
+    ``fp32_precision``, only the "highest" precision counts)."""
     if device.type == "cpu":
         backend = torch.backends.mkldnn.matmul
     elif device.type == "cuda":
         backend = torch.backends.cuda.matmul
     else:
         return False
-    mode = backend.fp32_precision
+    mode = getattr(backend, "fp32_precision", None)
+    if mode is None:  # torch < 2.9
+        return torch.get_float32_matmul_precision() == "highest" and not (
+            device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32)
     if mode == "none":  # not set for this backend: the generic setting
         mode = torch.backends.fp32_precision
     return mode in ("none", "ieee")
+
+
+@contextlib.contextmanager
+def cuda_fp32_matmul(tf32: bool):
+    """cuBLAS float32 GEMMs in TF32 (``tf32``) or IEEE float32 inside the block, the setting restored after:
+    through ``torch.backends.cuda.matmul.fp32_precision`` where torch has it (2.9+, where reading the
+    legacy ``allow_tf32`` after the new API has set it raises), else ``allow_tf32``."""
+    matmul = torch.backends.cuda.matmul
+    name = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"
+    old = getattr(matmul, name)
+    setattr(matmul, name, ("tf32" if tf32 else "ieee") if name == "fp32_precision" else tf32)
+    try:
+        yield
+    finally:
+        setattr(matmul, name, old)
 
 
 class _Centred(NamedTuple):

@@ -7,7 +7,13 @@ from __future__ import annotations
 import random
 from math import ceil
 
-__all__ = ["VQP_VERSION", "is_default", "refuse", "vqp_dropout_probability", "vqp_fixed_seed_levels"]
+import torch
+from torch import nn
+
+from vqtriton import checks
+
+__all__ = ["VQP_VERSION", "is_default", "refuse", "vqp_dropout_probability", "vqp_fixed_seed_levels", "set_vqp_dropout",
+           "dropout_translation", "dropout_count"]
 
 VQP_VERSION = "1.32.0"
 
@@ -46,3 +52,37 @@ def vqp_fixed_seed_levels(seed, num_quantizers: int, cutoff: int, multiple_of: i
     value is read)."""
     last = random.Random(seed).randrange(cutoff, num_quantizers)
     return min(ceil((last + 1) / multiple_of) * multiple_of, num_quantizers)
+
+
+def set_vqp_dropout(module: nn.Module, num_quantizers, quantize_dropout, cutoff, multiple_of) -> None:
+    """vqp's residual quantizers' attributes ``num_quantizers``, ``quantize_dropout`` (on only with more than
+    one level), ``quantize_dropout_cutoff_index`` and ``quantize_dropout_multiple_of``, checked."""
+    module.num_quantizers = checks.integer("num_quantizers", num_quantizers, 1)
+    module.quantize_dropout = bool(quantize_dropout) and module.num_quantizers > 1
+    module.quantize_dropout_cutoff_index = checks.integer("quantize_dropout_cutoff_index", cutoff, 0)
+    module.quantize_dropout_multiple_of = checks.integer("quantize_dropout_multiple_of", multiple_of, 1)
+    if module.quantize_dropout and module.quantize_dropout_cutoff_index >= module.num_quantizers:
+        raise ValueError(f"quantize_dropout_cutoff_index must be < num_quantizers = {module.num_quantizers}, "
+                         f"got {module.quantize_dropout_cutoff_index}")
+
+
+def dropout_translation(module: nn.Module) -> dict:
+    """vqp's quantize dropout (``set_vqp_dropout``'s attributes) as the native modules' arguments
+    (:func:`vqtriton.compat._common.vqp_dropout_probability`: the same distribution)."""
+    q, cutoff = module.num_quantizers, module.quantize_dropout_cutoff_index
+    return dict(quantize_dropout=vqp_dropout_probability(q, module.quantize_dropout, cutoff),
+                quantize_dropout_cutoff_index=min(cutoff, q - 1),
+                quantize_dropout_multiple_of=module.quantize_dropout_multiple_of)
+
+
+def dropout_count(module: nn.Module, seed, *, needs_grad: bool = True) -> int | None:
+    """The levels a vqp residual quantizer keeps this call, where it is known on the host: all of them
+    when vqp would not drop (eval mode, no dropout, or, with ``needs_grad`` (vqp's ResidualFSQ / LFQ; not
+    its ResidualVQ), no gradient recorded), vqp's own ``random.Random(seed)`` draw for a fixed seed; None
+    (the native module draws on the device) otherwise."""
+    q = module.num_quantizers
+    if not (module.training and module.quantize_dropout and q > 1 and (torch.is_grad_enabled() or not needs_grad)):
+        return q
+    if seed is None:
+        return None
+    return vqp_fixed_seed_levels(seed, q, module.quantize_dropout_cutoff_index, module.quantize_dropout_multiple_of)

@@ -1,5 +1,5 @@
 """What the FSQ / LFQ translators of :mod:`vqtriton.compat` share: vector-quantize-pytorch's checkpoint
-layout over a native module, its cosine-similarity projection, and its quantize-dropout draw.
+layout over a native module, its cosine-similarity projection, and the decoded codebook dim.
 
 Each translator holds its native module as ``self.quantizer``. vqp keeps its quantizers' tensors at the
 top level (``orthogonal_rot``, ``layers.0.orthogonal_rot``, ``mask``, ``activation.*``); the hooks here
@@ -14,11 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vqtriton import checks
-from vqtriton.compat._common import vqp_dropout_probability, vqp_fixed_seed_levels
 from vqtriton.lfq import LFQ as NativeLFQ
 
-__all__ = ["CosineSimLinear", "register_vqp_layout", "set_vqp_dropout", "dropout_translation", "dropout_count"]
+__all__ = ["CosineSimLinear", "register_vqp_layout", "with_codebook_dim"]
 
 
 class CosineSimLinear(nn.Module):
@@ -77,34 +75,7 @@ def register_vqp_layout(module: nn.Module) -> None:
     module._register_load_state_dict_pre_hook(_from_vqp, with_module=True)
 
 
-def set_vqp_dropout(module: nn.Module, num_quantizers, quantize_dropout, cutoff, multiple_of) -> None:
-    """vqp's residual quantizers' attributes ``num_quantizers``, ``quantize_dropout`` (on only with more than
-    one level), ``quantize_dropout_cutoff_index`` and ``quantize_dropout_multiple_of``, checked."""
-    module.num_quantizers = checks.integer("num_quantizers", num_quantizers, 1)
-    module.quantize_dropout = bool(quantize_dropout) and module.num_quantizers > 1
-    module.quantize_dropout_cutoff_index = checks.integer("quantize_dropout_cutoff_index", cutoff, 0)
-    module.quantize_dropout_multiple_of = checks.integer("quantize_dropout_multiple_of", multiple_of, 1)
-    if module.quantize_dropout and module.quantize_dropout_cutoff_index >= module.num_quantizers:
-        raise ValueError(f"quantize_dropout_cutoff_index must be < num_quantizers = {module.num_quantizers}, "
-                         f"got {module.quantize_dropout_cutoff_index}")
-
-
-def dropout_translation(module: nn.Module) -> dict:
-    """vqp's quantize dropout (``set_vqp_dropout``'s attributes) as the native modules' arguments
-    (:func:`vqtriton.compat._common.vqp_dropout_probability`: the same distribution)."""
-    q, cutoff = module.num_quantizers, module.quantize_dropout_cutoff_index
-    return dict(quantize_dropout=vqp_dropout_probability(q, module.quantize_dropout, cutoff),
-                quantize_dropout_cutoff_index=min(cutoff, q - 1),
-                quantize_dropout_multiple_of=module.quantize_dropout_multiple_of)
-
-
-def dropout_count(module: nn.Module, seed) -> int | None:
-    """The levels a vqp residual quantizer keeps this call, where it is known on the host: all of them
-    when vqp would not drop (eval mode, no dropout, or no gradient), vqp's own ``random.Random(seed)``
-    draw for a fixed seed; None (the native module draws on the device) otherwise."""
-    q = module.num_quantizers
-    if not (module.training and module.quantize_dropout and q > 1 and torch.is_grad_enabled()):
-        return q
-    if seed is None:
-        return None
-    return vqp_fixed_seed_levels(seed, q, module.quantize_dropout_cutoff_index, module.quantize_dropout_multiple_of)
+def with_codebook_dim(module: nn.Module, decoded: torch.Tensor) -> torch.Tensor:
+    """A residual translator's decoded ``[..., d]`` with vqp's codebook dim, ``[..., 1, d]``, when its indices
+    keep it (``module.keep_num_codebooks_dim``: vqp's levels decode the indices' ``[..., 1, Q]`` so)."""
+    return decoded.unsqueeze(-2) if module.keep_num_codebooks_dim else decoded

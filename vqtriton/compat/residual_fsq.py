@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from vqtriton import checks
-from vqtriton.compat._scalar import dropout_count, dropout_translation, register_vqp_layout, set_vqp_dropout
+from vqtriton.compat._common import dropout_count, dropout_translation, set_vqp_dropout
+from vqtriton.compat._scalar import register_vqp_layout, with_codebook_dim
 from vqtriton.compat.fsq import from_vqp_indices, to_vqp_indices, vqp_basis
 from vqtriton.residual_scalar import ResidualFSQ as NativeResidualFSQ
 
@@ -130,7 +131,7 @@ class ResidualFSQ(nn.Module):
             indices = None if indices is None else indices.movedim(-1, 1)
         if not return_all_codes:
             return out, indices
-        return out, indices, self.quantizer.get_codes_from_indices(native)
+        return out, indices, with_codebook_dim(self, self.quantizer.get_codes_from_indices(native))
 
     def _to_vqp(self, native: torch.Tensor) -> torch.Tensor:
         idx = to_vqp_indices(self.quantizer.layers[0], self._basis, native)
@@ -147,9 +148,9 @@ class ResidualFSQ(nn.Module):
     def get_codes_from_indices(self, indices) -> torch.Tensor:
         """Every level's scaled codes ``[num_quantizers, B, ..., d]`` of ``indices`` (the forward's layout;
         fewer trailing levels than ``num_quantizers`` count as dropped)."""
-        return self.quantizer.get_codes_from_indices(self._from_vqp(indices))
+        return with_codebook_dim(self, self.quantizer.get_codes_from_indices(self._from_vqp(indices)))
 
     def get_output_from_indices(self, indices) -> torch.Tensor:
         """``project_out`` of the sum of the levels' codes, in the forward's output layout."""
-        out = self.project_out(self.quantizer.get_output_from_indices(self._from_vqp(indices)))
+        out = self.project_out(with_codebook_dim(self, self.quantizer.get_output_from_indices(self._from_vqp(indices))))
         return out.movedim(-1, 1) if self.is_channel_first else out

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from vqtriton import checks
-from vqtriton.compat._common import refuse, vqp_dropout_probability, vqp_fixed_seed_levels
+from vqtriton.compat._common import dropout_count, dropout_translation, refuse, set_vqp_dropout
 from vqtriton.compat.vector_quantize import (
     UNSUPPORTED, CodebookView, VectorQuantize, codebook_from_vqp, codebook_to_vqp, init_codes_, positions, translate,
     vqp_loss, vqp_loss_from_parts,
@@ -150,19 +150,14 @@ class ResidualVQ(nn.Module):
         )
         native.pop("heads"), native.pop("shared_codebook")
         num_q = num_quantizers if not isinstance(sizes, tuple) else len(sizes)
-        self.quantize_dropout = bool(quantize_dropout) and num_q > 1
-        cutoff = checks.integer("quantize_dropout_cutoff_index", quantize_dropout_cutoff_index, 0)
-        self.quantize_dropout_cutoff_index = cutoff
-        self.quantize_dropout_multiple_of = checks.integer("quantize_dropout_multiple_of", quantize_dropout_multiple_of, 1)
-        p = vqp_dropout_probability(num_q, self.quantize_dropout, cutoff)
+        set_vqp_dropout(self, num_q, quantize_dropout, quantize_dropout_cutoff_index, quantize_dropout_multiple_of)
         weights = beam_score_quantizer_weights
         self.beam_size, self.eval_beam_size = beam_size, eval_beam_size if eval_beam_size is not None else beam_size
         # The residual module and its levels' random codebooks must not shift the generator: vqp's codes are
         # drawn below, in vqp's order, so that one seed gives vqp's initial state.
         with torch.random.fork_rng(devices=[]):
             self.residual = NativeResidualVQ(
-                cd, sizes, num_quantizers, shared_codebook=self.shared_codebook, quantize_dropout=p,
-                quantize_dropout_cutoff_index=min(cutoff, num_q - 1), quantize_dropout_multiple_of=self.quantize_dropout_multiple_of,
+                cd, sizes, num_quantizers, shared_codebook=self.shared_codebook, **dropout_translation(self),
                 output_gradient="every", quant_grad_frac=quant_grad_frac, implicit_neural_codebook=self.implicit_neural_codebook,
                 mlp_kwargs=mlp_kwargs or None, beam_size=beam_size, eval_beam_size=eval_beam_size,
                 beam_score_weights=None if weights is None else [float(w) for w in weights], diveq=self.diveq, **native,
@@ -238,10 +233,7 @@ class ResidualVQ(nn.Module):
         """``(quantized, indices [..., Q], losses [Q])``, plus every level's codes ``[Q, ..., d]`` with
         ``return_all_codes``; with ``indices`` given (``[..., Q]`` or a list of ``[...]``): ``(quantized,
         cross-entropy loss)``."""
-        levels = None
-        if self.training and self.quantize_dropout and indices is None and rand_quantize_dropout_fixed_seed is not None:
-            levels = vqp_fixed_seed_levels(rand_quantize_dropout_fixed_seed, self.num_quantizers,
-                                           self.quantize_dropout_cutoff_index, self.quantize_dropout_multiple_of)
+        levels = None if indices is not None else dropout_count(self, rand_quantize_dropout_fixed_seed, needs_grad=False)
         return self._forward(x, mask, indices, return_all_codes, sample_codebook_temp, freeze_codebook, beam_size, levels)
 
     def _forward(self, x, mask, indices, return_all_codes, sample_codebook_temp, freeze_codebook, beam_size, levels):

@@ -82,7 +82,8 @@ def fsq_levels(z, levels, *, symmetric: bool = False, hard_clamp: bool = False) 
         return np.floor((lv - 1) * (_squash(z, hard_clamp) + 1) / 2 + 0.5).astype(np.int64)
     half_l, offset, shift = _bound_parts(lv, hard_clamp)
     bounded = _squash(z + shift, hard_clamp) * half_l - offset
-    return (np.round(bounded) + lv // 2).astype(np.int64)
+    # Clamped: past L = 1000 the bound's slack passes half a level (a saturated input would leave [0, L)).
+    return np.clip(np.round(bounded) + lv // 2, 0, lv - 1).astype(np.int64)
 
 
 def fsq_codes_from_levels(k, levels, *, symmetric: bool = False) -> np.ndarray:
