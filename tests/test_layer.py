@@ -782,3 +782,32 @@ def test_in_place_step_skips_a_dropped_residual_level(device):
     assert (idx[:, 1:] == -1).all()
     assert not torch.equal(rvq.layers[0].codebook, books[0])
     assert all(torch.equal(rvq.layers[l].codebook, books[l]) for l in (1, 2))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_regulariser_counts_once_whatever_the_heads(device, reduction):
+    """Separate codebooks per head: the orthogonal term joins the loss once (as its breakdown reports it),
+    not once per codebook, which a "sum" over heads would count H times."""
+    torch.manual_seed(0)
+    plain = VectorQuantizer(6, 10, heads=3, reduction=reduction, backend="torch").to(device)
+    reg = VectorQuantizer(6, 10, heads=3, reduction=reduction, orthogonal_reg_weight=0.7, backend="torch").to(device)
+    reg.load_state_dict(plain.state_dict())
+    z = torch.randn(25, 6, device=device)
+    base = plain(z, return_breakdown=True)[2]
+    _, _, loss, parts = reg(z, return_breakdown=True)
+    assert float(parts.orthogonal_loss.detach()) > 0
+    torch.testing.assert_close(loss, base + 0.7 * parts.orthogonal_loss, rtol=1e-6, atol=1e-7)
+
+
+def test_a_generator_on_another_device_is_refused_before_any_draw():
+    """``.to()`` moves a module's tensors, not its generator: the call says so (here the tensors go to the
+    meta device, the stand-in for a GPU on a machine without one)."""
+    import vqtriton as vqt
+
+    modules = [VectorQuantizer(4, 5, generator=torch.Generator()), vqt.ResidualVQ(4, 5, 2, generator=torch.Generator()),
+               vqt.FSQ([5, 3], generator=torch.Generator()), vqt.LFQ(4, generator=torch.Generator()),
+               vqt.ResidualFSQ([5, 3], 2, generator=torch.Generator()), vqt.ResidualLFQ(4, 2, generator=torch.Generator())]
+    for m in modules:
+        dim = 2 if isinstance(m, (vqt.FSQ, vqt.ResidualFSQ)) else 4
+        with pytest.raises(ValueError, match=r"generator is on cpu, its input on meta"):
+            m.to("meta")(torch.randn(3, dim, device="meta"))

@@ -324,7 +324,8 @@ PROVIDERS["latency-launch"] = {
 }
 LATENCY_OPS = tuple(op for op in PROVIDERS if op.startswith("latency-"))
 # Ops timed as a forward only (under no_grad), and ops timed without the device sync after the call.
-FORWARD_ONLY_OPS = ("assign", "topk", "sample", "latency-eval-learned", "latency-eval-ema", "latency-assign", "latency-launch")
+FORWARD_ONLY_OPS = ("assign", "topk", "sample", "latency-eval-learned", "latency-eval-ema", "latency-assign",
+                    "latency-launch")
 HOST_ONLY_OPS = ("latency-launch",)
 
 

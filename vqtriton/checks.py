@@ -124,3 +124,11 @@ def generator(g):
     if g is not None and not isinstance(g, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(g).__name__}")
     return g
+
+
+def generator_device(g: torch.Generator | None, device: torch.device) -> None:
+    """A module's generator draws where its tensors are (``.to()`` does not move a generator): say so before
+    any draw fails inside a step."""
+    if g is not None and g.device.type != device.type:
+        raise ValueError(f"the module's generator is on {g.device}, its input on {device}: give the module a "
+                         f"torch.Generator(device={device.type!r})")

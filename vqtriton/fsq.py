@@ -106,6 +106,7 @@ class FSQ(nn.Module):
     def forward(self, z: torch.Tensor, mask: torch.Tensor | None = None):
         """``(z_q, indices)``: see the class docstring."""
         x, lead = channel_rows(z, self.channel_dim, self.heads, self.codebook_dim)
+        checks.generator_device(self.generator, z.device)
         keep = kept(mask, lead, z)
         with torch.autocast(z.device.type, enabled=False):
             codes, k = self.quantize_rows(x)

@@ -434,6 +434,7 @@ class VectorQuantizer(nn.Module):
         rows, lead = self._rows(z)
         codebook = self.codebook
         checks.same_device(z=z, codebook=codebook)
+        checks.generator_device(self.generator, z.device)
         keep = self._kept(mask, lead, z)
         if _active is not None:
             keep = _active.expand(rows.shape[0]) if keep is None else keep & _active
@@ -471,6 +472,7 @@ class VectorQuantizer(nn.Module):
             if target_indices is not None:
                 ce = self._cross_entropy(parts, kept, target_indices, lead, freeze)
             losses = [r.loss for r in results]
+            extra = 0  # the regularisers: once per call (not once per codebook, which "sum" would count H times)
             if self.commitment_cross_entropy and topk is None:  # the commitment term: the code logits' CE
                 # No kept row (a fully masked call, a level quantize dropout left out): 0, not 0 / 0.
                 ce_own = self._cross_entropy_books(parts, kept, [r.indices for r in results], freeze, empty=0.0)
@@ -490,7 +492,7 @@ class VectorQuantizer(nn.Module):
                 diversity = self._diversity(parts[0], kept[0], diversity_positions, freeze)
                 if _active is not None:
                     diversity = torch.where(_active, diversity, 0)
-                losses = [v + self.codebook_diversity_weight * diversity for v in losses]
+                extra = extra + self.codebook_diversity_weight * diversity
                 if return_breakdown:
                     breakdown = breakdown._replace(diversity_loss=diversity)
             if update:
@@ -500,7 +502,7 @@ class VectorQuantizer(nn.Module):
                 ortho = self._orthogonal_loss([r.indices for r in results], freeze)
                 if _active is not None:  # a level that did not run has no loss
                     ortho = torch.where(_active, ortho, 0)
-                losses = [v + self.orthogonal_reg_weight * ortho for v in losses]
+                extra = extra + self.orthogonal_reg_weight * ortho
                 if return_breakdown:
                     breakdown = breakdown._replace(orthogonal_loss=ortho)
             if _collect is not None and not in_place:  # (the in-place step collected its own indices)
@@ -511,7 +513,7 @@ class VectorQuantizer(nn.Module):
             z_q = z_q + self.sync_update_v * (z_q - z_q.detach())
         z_q = self._layout(_to_dtype(z_q, z.dtype), (*lead, *k, self.dim), z.dim())
         indices = _shaped(indices, (*lead, *indices.shape[1:]))
-        loss = losses[0].reshape(*lead, *k) if topk is not None else _combine(losses, reduction)
+        loss = (losses[0] + extra).reshape(*lead, *k) if topk is not None else _combine(losses, reduction) + extra
         out = (z_q, indices, loss) + ((ce,) if target_indices is not None else ())
         return (*out, breakdown) if return_breakdown else out
 

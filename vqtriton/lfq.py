@@ -186,6 +186,7 @@ class LFQ(nn.Module):
         tau = self.inv_temperature if inv_temperature is None else checks.real(
             "inv_temperature", inv_temperature, lambda v: v > 0, "> 0")
         x, lead = channel_rows(z, self.channel_dim, self.heads, self.codebook_dim)
+        checks.generator_device(self.generator, z.device)
         keep = kept(mask, lead, z)
         with torch.autocast(z.device.type, enabled=False):
             x = self.transform(x)

@@ -245,6 +245,7 @@ class ResidualVQ(nn.Module):
         layer's for this call (1: no beam search).
         """
         checks.float_tensor("z", z)
+        checks.generator_device(self.generator, z.device)
         n_levels = self._num_active(z.device, num_active)
         beam = self.beam_size if self.training else self.eval_beam_size
         beam = beam if beam_size is None else checks.integer("beam_size", beam_size, 1)

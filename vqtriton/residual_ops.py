@@ -294,10 +294,10 @@ def residual_code_stats(z: Tensor, codebooks, indices: Tensor, *, metric: str = 
     ``indices [..., L]`` (index -1 skipped). Returns ``(counts, sums)``: float32 ``[L, K]`` and ``[L, K, D]``
     for a ``[L, K, D]`` codebook tensor, else lists of ``[K_l]`` and ``[K_l, D]``. No gradient.
 
-    The index values are range-checked (one host sync; one a level when the levels' sizes differ) unless ``check_indices=False``: a training step
-    passes the indices ``residual_assign`` / ``residual_quantize`` returned, in range by construction,
-    and then nothing is read on the host (the call compiles whole). ``deterministic`` (default:
-    ``torch.are_deterministic_algorithms_enabled()``): bitwise reproducible sums."""
+    The index values are range-checked (one host sync; one a level when the levels' sizes differ) unless
+    ``check_indices=False``: a training step passes the indices ``residual_assign`` / ``residual_quantize``
+    returned, in range by construction, and then nothing is read on the host (the call compiles whole).
+    ``deterministic`` (default: ``torch.are_deterministic_algorithms_enabled()``): bitwise reproducible sums."""
     rows, flat, sizes, _, _ = _inputs(z, codebooks, metric, "exact", None, None)
     idx = checks.indices(indices, device=flat.device)
     if idx.shape != (*z.shape[:-1], len(sizes)):

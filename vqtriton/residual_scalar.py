@@ -58,6 +58,7 @@ class _Residual(nn.Module):
 
     def _num_active(self, num_active, device) -> int | torch.Tensor | None:
         """The levels that run this call: ``num_active`` as given, a dropout draw, or None (all)."""
+        checks.generator_device(self.generator, device)
         if num_active is not None:
             return checked_num_active(num_active, self.num_quantizers, device)
         return self.draw_levels(device)
