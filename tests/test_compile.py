@@ -177,19 +177,19 @@ def _step(module, z, mask, w, seed):
     return z_q.detach(), idx, loss.detach(), z.grad
 
 
-def _assert_same_step(eager, compiled, got, want, what):
+def _assert_same_step(eager, compiled, got, want, what, tol=TOL):
     (zq1, i1, l1, g1), (zq2, i2, l2, g2) = got, want
     assert torch.equal(i1, i2), f"{what}: indices"
-    torch.testing.assert_close(zq1, zq2, **TOL, equal_nan=True, msg=f"{what}: z_q")
-    torch.testing.assert_close(l1, l2, **TOL, msg=f"{what}: loss")
+    torch.testing.assert_close(zq1, zq2, **tol, equal_nan=True, msg=f"{what}: z_q")
+    torch.testing.assert_close(l1, l2, **tol, msg=f"{what}: loss")
     assert (g1 is None) == (g2 is None), f"{what}: input gradient"
     if g1 is not None:
-        torch.testing.assert_close(g1, g2, **TOL, equal_nan=True, msg=f"{what}: input gradient")
+        torch.testing.assert_close(g1, g2, **tol, equal_nan=True, msg=f"{what}: input gradient")
     for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, **TOL, msg=f"{what}: gradient of {name}")
+        torch.testing.assert_close(p.grad, q.grad, **tol, msg=f"{what}: gradient of {name}")
     want_state = compiled.state_dict()
     for name, t in eager.state_dict().items():
-        torch.testing.assert_close(t, want_state[name], **TOL, msg=f"{what}: state {name}")
+        torch.testing.assert_close(t, want_state[name], **tol, msg=f"{what}: state {name}")
 
 
 def _train_both(case, eager, twin, compiled, inputs, device, n, steps=3):

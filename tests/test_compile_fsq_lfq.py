@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from test_compile import _fresh_dynamo, _NoSync  # noqa: F401 (_fresh_dynamo: an autouse fixture)
+from test_compile import _assert_same_step, _fresh_dynamo, _NoSync  # noqa: F401 (_fresh_dynamo: an autouse fixture)
 
 import vqtriton as vqt
 from vqtriton import compat
@@ -80,16 +80,6 @@ def _step(module, z, mask, seed):
     return y.detach(), idx, loss.detach(), z.grad
 
 
-def _same(eager, twin, got, want, what):
-    (y1, i1, l1, g1), (y2, i2, l2, g2) = got, want
-    assert torch.equal(i1, i2), f"{what}: indices"
-    torch.testing.assert_close(y1, y2, **TOL, equal_nan=True, msg=f"{what}: output")
-    torch.testing.assert_close(l1, l2, **TOL, msg=f"{what}: loss")
-    torch.testing.assert_close(g1, g2, **TOL, equal_nan=True, msg=f"{what}: input gradient")
-    for (name, p), q in zip(eager.named_parameters(), twin.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, **TOL, msg=f"{what}: gradient of {name}")
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", list(CASES))
 def test_step_compiles_whole_and_matches_eager(case, backend, device):
@@ -107,10 +97,10 @@ def test_step_compiles_whole_and_matches_eager(case, backend, device):
             m.zero_grad(set_to_none=True)
         want = _step(eager, z, mask, seed=step)
         got = _step(compiled, z, mask, seed=step)
-        _same(eager, twin, got, want, f"{case} step {step}")
+        _assert_same_step(eager, twin, got, want, f"{case} step {step}", TOL)
     eager.eval(), twin.eval()
     z, mask = inputs(device, 11)
-    _same(eager, twin, _step(compiled, z, mask, 9), _step(eager, z, mask, 9), "eval")
+    _assert_same_step(eager, twin, _step(compiled, z, mask, 9), _step(eager, z, mask, 9), "eval", TOL)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

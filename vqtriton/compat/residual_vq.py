@@ -46,7 +46,7 @@ from torch import nn
 from vqtriton import checks
 from vqtriton.compat._common import dropout_count, dropout_translation, refuse, set_vqp_dropout
 from vqtriton.compat.vector_quantize import (
-    UNSUPPORTED, CodebookView, VectorQuantize, codebook_from_vqp, codebook_to_vqp, init_codes_, positions, translate,
+    UNSUPPORTED, CodebookViews, VectorQuantize, codebook_from_vqp, codebook_to_vqp, init_codes_, positions, translate,
     vqp_loss, vqp_loss_from_parts,
 )
 from vqtriton.residual import ResidualVQ as NativeResidualVQ
@@ -315,15 +315,16 @@ class ResidualVQ(nn.Module):
         return self.project_out(self.get_codes_from_indices(indices).sum(0))
 
 
-class _Level:
+class _Level(CodebookViews):
     """One level as vqp's ``rvq.layers[i]`` shows it (a view of the native level)."""
+
+    _num_books = 1
 
     def __init__(self, layer, unused, settings):
         self.quantizer, self._unused_stats, self._settings = layer, unused, settings
 
-    @property
-    def _codebook(self) -> CodebookView:
-        return CodebookView(self.quantizer, 1, self._unused_stats)
+    def _unused(self) -> dict | None:
+        return self._unused_stats
 
     @property
     def codebook(self) -> torch.Tensor:
@@ -336,18 +337,6 @@ class _Level:
     @property
     def ema_update(self) -> bool:
         return self._settings.ema
-
-    @property
-    def use_cosine_sim(self) -> bool:
-        return self.quantizer.metric == "cosine"
-
-    @property
-    def in_place_codebook_optimizer(self):
-        return self.quantizer.in_place_optimizer
-
-    def update_in_place_optimizer(self) -> None:
-        """vqp's ``rvq.layers[i].update_in_place_optimizer()`` (with ``manual_in_place_optimizer_update``)."""
-        self.quantizer.update_in_place_optimizer()
 
 
 # --- state_dict in vqp's layout ---------------------------------------------------------------------

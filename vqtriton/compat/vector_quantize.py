@@ -454,7 +454,37 @@ def vqp_ema_weight(weight, num_books: int):
     return native
 
 
-class VectorQuantize(nn.Module):
+class CodebookViews:
+    """What vqp's ``VectorQuantize`` shows of its codebook, read from the native layer ``self.quantizer``: the
+    views of :class:`VectorQuantize` and of each ``ResidualVQ`` level (``rvq.layers[i]``). Needs
+    ``_num_books`` (the native layer's codebooks) and ``_unused()`` (the statistics kept for vqp only)."""
+
+    @property
+    def use_cosine_sim(self) -> bool:
+        return self.quantizer.metric == "cosine"
+
+    @property
+    def in_place_codebook_optimizer(self):
+        """The optimiser ``in_place_codebook_optimizer`` made of the codebook's parameters (None without one)."""
+        return self.quantizer.in_place_optimizer
+
+    @property
+    def manual_in_place_optimizer_update(self) -> bool:
+        return self.quantizer.manual_in_place_update
+
+    @property
+    def _codebook(self) -> CodebookView:
+        """vqp's ``Codebook`` module's tensors (views), for code that reads them (``vq._codebook.embed_avg``)."""
+        return CodebookView(self.quantizer, self._num_books, self._unused())
+
+    def update_in_place_optimizer(self) -> None:
+        """vqp's in-place codebook optimiser step (gradients averaged over ranks when the codebook is
+        synchronised), then ``zero_grad()``: what ``manual_in_place_optimizer_update=True`` leaves to the caller;
+        nothing without an ``in_place_codebook_optimizer``."""
+        self.quantizer.update_in_place_optimizer()
+
+
+class VectorQuantize(CodebookViews, nn.Module):
     """vector-quantize-pytorch 1.32.0's ``VectorQuantize`` on vqtriton's kernels (see the module docstring).
 
     ``precision``, ``backend`` and ``deterministic`` (keyword-only, vqtriton's own) pass to
@@ -581,24 +611,6 @@ class VectorQuantize(nn.Module):
         return self.ema
 
     @property
-    def use_cosine_sim(self) -> bool:
-        return self.quantizer.metric == "cosine"
-
-    @property
-    def in_place_codebook_optimizer(self):
-        """The optimiser ``in_place_codebook_optimizer`` made of the codebook's parameters (None without one)."""
-        return self.quantizer.in_place_optimizer
-
-    @property
-    def manual_in_place_optimizer_update(self) -> bool:
-        return self.quantizer.manual_in_place_update
-
-    @property
-    def _codebook(self) -> CodebookView:
-        """vqp's ``Codebook`` module's tensors (views), for code that reads them (``vq._codebook.embed_avg``)."""
-        return CodebookView(self.quantizer, self._num_books, self._unused())
-
-    @property
     def codebook(self) -> torch.Tensor:
         """The codes: ``[K, d]``, or ``[heads, K, d]`` with separate codebooks per head (as vqp)."""
         return self.quantizer.codebook
@@ -717,12 +729,6 @@ class VectorQuantize(nn.Module):
             self.quantizer.update_indices(self.project_in(x_last), indices, mask)
 
     update_ema_indices = update_indices
-
-    def update_in_place_optimizer(self) -> None:
-        """vqp's in-place codebook optimiser step (gradients averaged over ranks when the codebook is
-        synchronised), then ``zero_grad()``: what ``manual_in_place_optimizer_update=True`` leaves to the caller;
-        nothing without an ``in_place_codebook_optimizer``."""
-        self.quantizer.update_in_place_optimizer()
 
     # --- indices back to codes ----------------------------------------------------------------------
 
